@@ -1,0 +1,32 @@
+# One entry point for developers and CI. Every target sets itself up first.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONDEVMODE := 1
+
+.PHONY: setup demo test test-long lint bench clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(VENV)/bin/appliance demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+# Long soaks, not part of `make test`.
+test-long: setup
+	RECORDER_LONG_TESTS=1 $(PY) -m pytest -q -m long
+
+lint: setup
+	$(VENV)/bin/ruff check appliance central tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/pipeline.py
+	$(PY) bench/ring.py
+	$(PY) bench/seal.py
+	$(PY) bench/capture.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

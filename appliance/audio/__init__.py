@@ -1,0 +1,1 @@
+"""Audio sources and signal processing: capture, line simulator, levels, DTMF."""

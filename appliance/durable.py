@@ -1,0 +1,73 @@
+"""Durable file operations: the one place where fsync discipline lives.
+
+Every helper here keeps the promise "after this returns, the data survives a power cut":
+write to a temporary file in the same folder, fsync it, rename it over the target, and fsync
+the folder so the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and unlinks inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary sibling used while ``path`` is being written (ignored by readers)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    tmp = tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        # Durability: the file's bytes are on disk before the rename makes them visible.
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    # Durability: the rename survives a power cut only once the folder is synced.
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
+    """Atomically write ``obj`` as canonical, human-readable JSON."""
+    atomic_write(path, (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode(), mode=mode)
+
+
+def durable_unlink(path: Path) -> None:
+    """Remove ``path`` (if present) and make the removal durable."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fsync_dir(path.parent)
+
+
+def write_status(path: Path, obj: Any) -> None:
+    """Publish a small, best-effort status file for live views (atomic, not fsynced).
+
+    Status files are advisory: losing the latest one in a power cut is harmless.
+    """
+    tmp = tmp_name(path)
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)

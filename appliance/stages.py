@@ -1,0 +1,91 @@
+"""Entry points of the box's processes: capture (one per stream), recorder+sealer, uplink.
+
+Each stage is a separate OS process so that a crash or a stall in one cannot stall capture.
+``appliance run`` (see :mod:`appliance.supervisor`) starts them; each can also run on its own
+(``appliance stage NAME``), which is how the OS image's systemd units start them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the stage finishes its step, syncs and exits."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def load_recipients(cfg: Config) -> list[str]:
+    """The age recipients segments are encrypted to: config first, else keys/recipients.txt."""
+    if cfg.seal.recipients:
+        return list(cfg.seal.recipients)
+    path = cfg.keys_dir / "recipients.txt"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"no recipients: set seal.recipients or provision {path} (age1... keys, one per line)"
+        ) from err
+    recipients = [ln.strip() for ln in lines if ln.strip().startswith("age1")]
+    if not recipients:
+        raise ConfigError(f"{path} holds no age1... recipient")
+    return recipients
+
+
+def run_capture_stage(cfg: Config, stream_name: str, stop: threading.Event) -> None:
+    from appliance.capture import run_capture
+
+    sections = {c.name: c for c in cfg.capture}
+    if stream_name not in sections:
+        raise ConfigError(f"capture stream {stream_name!r} is not configured "
+                          f"(configured: {', '.join(sections)})")
+    cfg.ring_path(stream_name).parent.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    run_capture(cfg, sections[stream_name], stop)
+
+
+def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
+    from appliance.recorder.service import Recorder
+    from appliance.seal import DeviceKey
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
+    recorder = Recorder(cfg, recipients=load_recipients(cfg), key=key)
+    recorder.run(stop, status_path=cfg.run_dir / "recorder.json")
+
+
+def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
+    from appliance.sync.outbox import Outbox
+    from appliance.sync.uplink import Uplink
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(cfg.outbox_dir)
+    if cfg.uplink.transport == "none":
+        log.info("uplink.transport = 'none': segments stay in the outbox")
+        stop.wait()
+        return
+    ca, cert, key = cfg.tls_paths()
+    for what, path in (("uplink.ca", ca), ("uplink.cert", cert), ("uplink.key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{what}: file {path} does not exist (provision the box's TLS files)")
+    uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=cfg.uplink.host,
+                    port=cfg.uplink.port, ca=ca, cert=cert, key=key,
+                    status_path=cfg.run_dir / "uplink.json", window=cfg.uplink.window,
+                    ack_timeout_s=cfg.uplink.ack_timeout_s)
+    uplink.run(stop)

@@ -1,0 +1,62 @@
+"""``appliance status``: the local box at a glance, from the stages' status files and the outbox."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from appliance.config import Config
+
+STALE_AFTER_S = 10.0
+
+
+def collect(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {"device_id": cfg.device.id, "state_dir": str(cfg.state_dir)}
+    now = time.time()
+    stages: dict[str, Any] = {}
+    names = [f"capture-{c.name}" for c in cfg.capture] + ["recorder", "uplink"]
+    for name in names:
+        path = cfg.run_dir / f"{name}.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stages[name] = {"running": False}
+            continue
+        ts = float(data.get("ts", 0))
+        data["running"] = now - ts < STALE_AFTER_S
+        stages[name] = data
+    out["stages"] = stages
+    if cfg.outbox_dir.is_dir():
+        from appliance.sync.outbox import Outbox
+
+        with contextlib.suppress(OSError):
+            b = Outbox(cfg.outbox_dir).backlog()
+            out["backlog"] = {"segments": b.segments, "bytes": b.bytes,
+                              "oldest_age_s": b.oldest_age_s}
+    return out
+
+
+def status_command(cfg: Config, *, as_json: bool) -> int:
+    st = collect(cfg)
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    print(f"device {st['device_id']}  state {st['state_dir']}")
+    for name, data in st["stages"].items():
+        print(f"  {name:<16} {'running' if data['running'] else 'NOT RUNNING'}")
+    rec = st["stages"].get("recorder", {})
+    for ln in rec.get("lines", []):
+        state = "in call" if ln.get("in_call") else "idle"
+        print(f"  line {ln['line']:<8} {state:<8} level {ln.get('level_db', -120):6.1f} dBFS")
+    up = st["stages"].get("uplink", {})
+    if up:
+        print(f"  link {up.get('link', 'unknown')}  last ack {up.get('last_ack_ts', '-')}")
+    b = st.get("backlog")
+    if b:
+        print(f"  outbox {b['segments']} segments, {b['bytes']} bytes, "
+              f"oldest {b['oldest_age_s'] or 0:.0f} s")
+    ok = all(d["running"] for d in st["stages"].values())
+    print("recording, all stages running" if ok else "ATTENTION: a stage is not running")
+    return 0 if ok else 1

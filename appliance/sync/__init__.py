@@ -1,0 +1,1 @@
+"""Store-and-forward sync: outbox, MQTT/HTTPS uplink, fleet agent."""

@@ -1,0 +1,492 @@
+"""The MQTT uplink: sends the outbox to central and deletes what central durably acknowledged.
+
+The outbox is the truth, never paho's in-memory queue: a fresh paho client is made for every
+connection, and after every (re)connection everything still in the outbox is sent again.
+Central is idempotent (a repeat is acknowledged ``duplicate``), so a repeat costs only traffic.
+
+Per connection: MQTT v5 over mutual TLS, client id = device id, a persistent session
+(clean start off, session expiry one day) so acks queued while the box was away are delivered,
+a retained last will ``Status(offline)``, a retained ``Status(online)`` with a session counter
+kept in the outbox folder, a QoS 1 subscription to ``rec/v1/<dev>/ack``. Segments go out oldest
+first on ``rec/v1/<dev>/seg/<seq>`` at QoS 1, at most ``window`` waiting for their ack; one not
+acknowledged within ``ack_timeout_s`` is sent again (the wait doubles per attempt, capped at
+8 x ``ack_timeout_s``).
+
+Threads: paho's network thread only parses and queues; the thread calling :meth:`Uplink.run`
+does all file work (fsyncs included). A watchdog observer wakes it when the recorder commits a
+segment; a rescan every ``rescan_s`` is the safety net. Nothing polls in a tight loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import queue
+import secrets
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from appliance import __version__
+from appliance.durable import atomic_write_json, write_status
+from appliance.errors import ConfigError, FormatError
+from appliance.sync.outbox import SEG_RE, Outbox, OutboxError
+from appliance.sync.protocol import (
+    DEVICE_ID_RE,
+    MAX_CONTROL_MESSAGE,
+    Ack,
+    Status,
+    ack_topic,
+    segment_topic,
+    status_topic,
+)
+
+log = logging.getLogger(__name__)
+
+SESSION_FILE = "session.json"
+SESSION_EXPIRY_S = 86400
+DISCONNECT_WITH_WILL = 4  # MQTT v5 reason code: "disconnect, but publish the will"
+MAX_ACK_BACKOFF = 8
+STATUS_INTERVAL_S = 1.0
+
+
+class Link(enum.StrEnum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # CONNACK received, waiting for the ack subscription
+    READY = "ready"  # subscribed to acks: segments flow
+
+
+@dataclass
+class _InFlight:
+    sha256: str
+    sent_at: float
+    attempts: int
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class _OutboxWatcher(FileSystemEventHandler):
+    """Wakes the uplink when a committed segment appears (or disappears) in the outbox."""
+
+    def __init__(self, on_change: threading.Event, dirty: threading.Event) -> None:
+        self._wake = on_change
+        self._dirty = dirty
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for raw in (event.src_path, event.dest_path):
+            name = os.path.basename(os.fsdecode(raw)) if raw else ""
+            if SEG_RE.match(name):
+                self._dirty.set()
+                self._wake.set()
+                return
+
+
+class Uplink:
+    """Store-and-forward of the outbox over MQTT. Call :meth:`run` in its own thread or process."""
+
+    def __init__(self, *, device_id: str, outbox: Outbox, host: str, port: int, ca: Path,
+                 cert: Path, key: Path, status_path: Path | None = None, window: int = 8,
+                 ack_timeout_s: float = 10.0, keepalive_s: int = 30,
+                 reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
+                 rescan_s: float = 5.0) -> None:
+        if not DEVICE_ID_RE.match(device_id):
+            raise ConfigError(f"device_id {device_id!r} is invalid "
+                              f"(letters, digits, '_.-', max 63, starting alphanumeric)")
+        for name, value, low in (("window", window, 1), ("ack_timeout_s", ack_timeout_s, 0.01),
+                                 ("keepalive_s", keepalive_s, 5),
+                                 ("reconnect_min_s", reconnect_min_s, 0.01),
+                                 ("rescan_s", rescan_s, 0.1)):
+            if value < low:
+                raise ConfigError(f"uplink {name} = {value!r} is out of range (>= {low})")
+        if reconnect_max_s < reconnect_min_s:
+            raise ConfigError(f"uplink reconnect_max_s = {reconnect_max_s!r} is out of range "
+                              f"(>= reconnect_min_s = {reconnect_min_s!r})")
+        self.device_id = device_id
+        self.outbox = outbox
+        self.host, self.port = host, port
+        self.status_path = status_path
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
+        self.keepalive_s = keepalive_s
+        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.rescan_s = rescan_s
+        self._tls = self._tls_context(ca, cert, key)
+        self._boot_id = _boot_id()
+        self._rng = secrets.SystemRandom()
+
+        self._lock = threading.Lock()  # guards the fields shared with paho's thread
+        self._wake = threading.Event()
+        self._dirty = threading.Event()
+        self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
+        self._client: mqtt.Client | None = None
+        self._link = Link.DISCONNECTED
+        self._lost = False
+        self._ready_gen = 0
+        self._session = self._load_session()
+        self._pending_session = self._session
+
+        self._inflight: dict[int, _InFlight] = {}
+        self._pending: list[int] = []
+        self._skipped: set[int] = set()
+        self._counters = {"published": 0, "retransmitted": 0, "acked": 0, "rejected": 0,
+                          "ignored_messages": 0, "ack_mismatch": 0, "connects": 0, "connect_failures": 0}
+        self._last_ack_ts: float | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+        for what, path in (("ca", ca), ("cert", cert), ("key", key)):
+            if not path.is_file():
+                raise ConfigError(f"uplink {what} file {path} does not exist (a PEM file)")
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+            ctx.load_cert_chain(str(cert), str(key))
+        except ssl.SSLError as err:
+            raise ConfigError(f"uplink TLS files {cert} / {key} / {ca} do not load: "
+                              f"{err.reason or err}") from err
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def _session_path(self) -> Path:
+        return self.outbox.path / SESSION_FILE
+
+    def _load_session(self) -> int:
+        path = self._session_path()
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            return 0
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FormatError(f"{path} is not JSON ({err}); expected {{\"session\": N}}") from err
+        value = obj.get("session") if isinstance(obj, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FormatError(f"{path} must be {{\"session\": N}} with N >= 0, got {obj!r}")
+        return value
+
+    def _status(self, state: str, session: int) -> Status:
+        return Status(state="online" if state == "online" else "offline", version=__version__,
+                      boot_id=self._boot_id, session=session, ts=time.time())
+
+    # -- paho callbacks (paho's network thread: no file work here except the session counter) --
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            log.warning("uplink: broker %s:%d refused the connection: %s",
+                        self.host, self.port, reason_code)
+            with self._lock:
+                self._lost = True
+            self._wake.set()
+            return
+        session = self._pending_session
+        try:
+            # Durability: the counter only grows, even across power cuts, so central can tell
+            # one connection of this box from the next.
+            atomic_write_json(self._session_path(), {"session": session})
+        except OSError as err:
+            log.error("uplink: cannot record session counter in %s: %s",
+                      self._session_path(), err.strerror)
+        client.publish(status_topic(self.device_id), self._status("online", session).encode(),
+                       qos=1, retain=True)
+        client.subscribe(ack_topic(self.device_id), qos=1)
+        with self._lock:
+            self._session = session
+            self._link = Link.CONNECTED
+            self._counters["connects"] += 1
+        log.info("uplink: connected to %s:%d as %s (session %d, session present: %s)",
+                 self.host, self.port, self.device_id, session, flags.session_present)
+        self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("uplink: broker refused subscription to %s: %s; no segment will be sent",
+                      ack_topic(self.device_id), ", ".join(str(rc) for rc in reason_codes))
+            return
+        with self._lock:
+            self._link = Link.READY
+            self._ready_gen += 1
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        with self._lock:
+            self._lost = True
+            self._link = Link.DISCONNECTED
+        log.info("uplink: disconnected from %s:%d: %s", self.host, self.port, reason_code)
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if msg.topic != ack_topic(self.device_id):
+                raise FormatError(f"unexpected topic (this box only takes "
+                                  f"{ack_topic(self.device_id)})")
+            if len(msg.payload) > MAX_CONTROL_MESSAGE:
+                raise FormatError(f"{len(msg.payload)} bytes is larger than {MAX_CONTROL_MESSAGE}")
+            ack = Ack.decode(bytes(msg.payload))
+        except (FormatError, ValueError, RecursionError) as err:
+            with self._lock:
+                self._counters["ignored_messages"] += 1
+            log.warning("uplink: ignored message on %s: %s", msg.topic, err)
+            return
+        self._acks.put(ack)
+        self._wake.set()
+
+    # -- connection management (run thread) ------------------------------------------------------
+
+    def _connect(self) -> bool:
+        self._pending_session = self._session + 1
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                             protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        client.tls_set_context(self._tls)
+        client.max_inflight_messages_set(max(20, 2 * self.window))
+        client.will_set(status_topic(self.device_id),
+                        self._status("offline", self._pending_session).encode(), qos=1,
+                        retain=True)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        with self._lock:
+            self._link = Link.CONNECTING
+            self._lost = False
+        try:
+            client.connect(self.host, self.port, keepalive=self.keepalive_s, clean_start=False,
+                           properties=props)
+        except OSError as err:
+            with self._lock:
+                self._link = Link.DISCONNECTED
+                self._counters["connect_failures"] += 1
+            log.warning("uplink: cannot connect to %s:%d: %s", self.host, self.port, err)
+            return False
+        client.loop_start()
+        self._client = client
+        return True
+
+    def _teardown(self, *, graceful: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if graceful and client.is_connected():
+            # Ask the broker to publish our retained offline will now: one path for "gone".
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
+                                                    identifier=DISCONNECT_WITH_WILL))
+        else:
+            client.disconnect()
+        client.loop_stop()
+        with self._lock:
+            self._link = Link.DISCONNECTED
+            self._lost = False
+
+    def _backoff(self, delay: float) -> float:
+        return self._rng.uniform(delay / 2, delay)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Send and clear the outbox until ``stop`` is set; survives broker and network loss."""
+        observer = self._start_watcher()
+        delay = self.reconnect_min_s
+        next_connect = 0.0
+        seen_gen = 0
+        next_rescan = 0.0
+        next_status = 0.0
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                with self._lock:
+                    lost, link, gen = self._lost, self._link, self._ready_gen
+                if lost:
+                    self._teardown(graceful=False)
+                    next_connect = now + self._backoff(delay)
+                    delay = min(delay * 2, self.reconnect_max_s)
+                elif self._client is None and now >= next_connect:
+                    if not self._connect():
+                        next_connect = time.monotonic() + self._backoff(delay)
+                        delay = min(delay * 2, self.reconnect_max_s)
+                self._process_acks()
+                if link is Link.READY and gen != seen_gen:
+                    # A new connection: nothing is in flight until the outbox says so.
+                    seen_gen = gen
+                    delay = self.reconnect_min_s
+                    self._inflight.clear()
+                    self._dirty.set()
+                if self._dirty.is_set() or now >= next_rescan:
+                    self._dirty.clear()
+                    self._pending = self.outbox.pending()
+                    next_rescan = now + self.rescan_s
+                if link is Link.READY and self._client is not None and not lost:
+                    self._send(self._client)
+                if self.status_path is not None and now >= next_status:
+                    self._write_status()
+                    next_status = now + STATUS_INTERVAL_S
+                self._wake.wait(self._sleep_time(next_connect, next_rescan, next_status))
+                self._wake.clear()
+        finally:
+            self._teardown(graceful=True)
+            if observer is not None:
+                observer.stop()
+                observer.join()
+            if self.status_path is not None:
+                self._write_status()
+
+    def _start_watcher(self) -> Any:
+        observer = Observer()
+        observer.schedule(_OutboxWatcher(self._wake, self._dirty), str(self.outbox.path),
+                          recursive=False)
+        try:
+            observer.start()
+        except OSError as err:
+            log.warning("uplink: cannot watch %s (%s); relying on the %.0f s rescan",
+                        self.outbox.path, err, self.rescan_s)
+            return None
+        return observer
+
+    def _sleep_time(self, next_connect: float, next_rescan: float, next_status: float) -> float:
+        now = time.monotonic()
+        deadlines = [next_rescan]
+        if self.status_path is not None:
+            deadlines.append(next_status)
+        if self._client is None:
+            deadlines.append(next_connect)
+        deadlines += [f.sent_at + self._ack_wait(f) for f in self._inflight.values()]
+        return max(0.01, float(min(deadlines)) - now)
+
+    def _ack_wait(self, flight: _InFlight) -> float:
+        factor: int = min(1 << max(0, flight.attempts - 1), MAX_ACK_BACKOFF)
+        return self.ack_timeout_s * factor
+
+    def _send(self, client: mqtt.Client) -> None:
+        now = time.monotonic()
+        for seq, flight in sorted(self._inflight.items()):
+            if now - flight.sent_at >= self._ack_wait(flight):
+                log.info("uplink: segment %d not acknowledged after %.1f s, sending again",
+                         seq, now - flight.sent_at)
+                if not self._publish(client, seq, retransmit=True):
+                    return
+        for seq in self._pending:
+            if len(self._inflight) >= self.window:
+                return
+            if seq in self._inflight or seq in self._skipped:
+                continue
+            if not self._publish(client, seq, retransmit=False):
+                return
+
+    def _publish(self, client: mqtt.Client, seq: int, *, retransmit: bool) -> bool:
+        """Publish one segment; False when the link cannot take more right now."""
+        try:
+            sha = self.outbox.sha256_of(seq)
+            blob = self.outbox.read(seq)
+        except (OutboxError, FormatError) as err:
+            # Gone (acknowledged or rejected meanwhile) or unusable: never deleted from here.
+            self._inflight.pop(seq, None)
+            if self.outbox.seg_path(seq).exists():
+                self._skipped.add(seq)
+                log.error("uplink: segment %d cannot be sent and stays in the outbox: %s",
+                          seq, err)
+            return True
+        try:
+            info = client.publish(segment_topic(self.device_id, seq), blob, qos=1)
+        except ValueError as err:
+            self._skipped.add(seq)
+            log.error("uplink: segment %d of %d bytes cannot be published and stays in the "
+                      "outbox: %s", seq, len(blob), err)
+            return True
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.info("uplink: publish of segment %d failed (%s); waiting for the link",
+                     seq, mqtt.error_string(info.rc))
+            return False
+        attempts = self._inflight[seq].attempts + 1 if seq in self._inflight else 1
+        self._inflight[seq] = _InFlight(sha256=sha, sent_at=time.monotonic(), attempts=attempts)
+        with self._lock:
+            self._counters["retransmitted" if retransmit else "published"] += 1
+        return True
+
+    def _process_acks(self) -> None:
+        while True:
+            try:
+                ack = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self._apply_ack(ack)
+
+    def _apply_ack(self, ack: Ack) -> None:
+        seq = ack.seq
+        try:
+            held = self.outbox.sha256_of(seq) if self.outbox.seg_path(seq).exists() else None
+        except (OutboxError, FormatError):
+            held = None
+        if held is None:
+            self._inflight.pop(seq, None)
+            log.debug("uplink: %s ack for segment %d which is no longer pending", ack.result, seq)
+            return
+        if held != ack.sha256:
+            with self._lock:
+                self._counters["ack_mismatch"] += 1
+            log.warning("uplink: %s ack for segment %d names sha256 %s but the outbox holds %s; "
+                        "kept", ack.result, seq, ack.sha256[:16], held[:16])
+            return
+        if ack.result == "rejected":
+            self.outbox.reject(seq, ack.reason)
+            self._inflight.pop(seq, None)
+            self._dirty.set()
+            with self._lock:
+                self._counters["rejected"] += 1
+            log.error("uplink: central rejected segment %d (%s); moved to %s",
+                      seq, ack.reason or "no reason given", self.outbox.rejected_dir)
+            return
+        if self.outbox.acknowledge(seq, ack.sha256):
+            self._inflight.pop(seq, None)
+            self._dirty.set()
+            with self._lock:
+                self._counters["acked"] += 1
+                self._last_ack_ts = time.time()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Link state, backlog and counters (also written to ``status_path`` every second)."""
+        backlog = self.outbox.backlog()
+        with self._lock:
+            out: dict[str, Any] = {
+                "device_id": self.device_id,
+                "link": str(self._link),
+                "session": self._session,
+                "backlog_segments": backlog.segments,
+                "backlog_bytes": backlog.bytes,
+                "oldest_age_s": round(backlog.oldest_age_s, 3),
+                "in_flight": len(self._inflight),
+                "last_ack_ts": self._last_ack_ts,
+                "ts": time.time(),
+            }
+            out.update(self._counters)
+        return out
+
+    def _write_status(self) -> None:
+        assert self.status_path is not None
+        try:
+            write_status(self.status_path, self.stats())
+        except OSError as err:
+            log.warning("uplink: cannot write status %s: %s", self.status_path, err.strerror)

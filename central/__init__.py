@@ -1,0 +1,1 @@
+"""Central side: receiver, archive store, index and the tools central IT uses."""
