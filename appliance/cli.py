@@ -84,6 +84,13 @@ def build_parser() -> OneLineParser:
     smp.add_argument("--seconds", type=_positive_float, required=True)
     smp.add_argument("--out", type=Path, required=True)
 
+    keys = sub.add_parser("keys", help="the box's signing key")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=OneLineParser)
+    kshow = ksub.add_parser("show", help="print the key id and public key (for enrolment)")
+    kshow.add_argument("--config", type=Path)
+    krot = ksub.add_parser("rotate", help="make a new key; the next sealed segment announces it")
+    krot.add_argument("--config", type=Path)
+
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
@@ -156,6 +163,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           seconds=args.seconds, out=args.out)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from appliance.recorder.service import NEXT_KEY_FILE
+    from appliance.seal import DeviceKey
+
+    cfg = _config(args.config)
+    if args.keys_command == "show":
+        key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
+        print(f"device {cfg.device.id}\nkey_id {key.key_id}\npublic_b64 {key.public_b64}")
+        return 0
+    path = cfg.keys_dir / NEXT_KEY_FILE
+    if path.exists():
+        key = DeviceKey.load(path)
+        print(f"a rotation to {key.key_id} is already pending: it is announced in the next segment")
+        return 0
+    key = DeviceKey.generate()
+    key.save(path)
+    print(f"new key {key.key_id} ({key.public_b64}): the next sealed segment announces it, "
+          "signed by the current key, and the box then switches")
+    return 0
+
+
 def cmd_buffer(args: argparse.Namespace) -> int:
     from appliance.buffer import buffer_check_command
 
@@ -171,6 +199,7 @@ COMMANDS = {
     "devices": cmd_devices,
     "sample": cmd_sample,
     "buffer": cmd_buffer,
+    "keys": cmd_keys,
 }
 
 

@@ -67,6 +67,9 @@ class CaptureSection(_Section):
     sim_mean_call_s: Annotated[float, Field(ge=4.0, le=86400.0)] = 20.0
     sim_max_call_s: Annotated[float, Field(ge=4.0, le=86400.0)] = 60.0
     stop_after_s: Annotated[float, Field(ge=0.0, description="finite sources: 0 = run forever")] = 0.0
+    rt_priority: Annotated[
+        int, Field(ge=0, le=99, description="SCHED_FIFO priority of capture; 0 = normal")
+    ] = 20
 
     @model_validator(mode="after")
     def _source_needs(self) -> CaptureSection:

@@ -36,9 +36,8 @@ class FileIO:
 
     def pwritev(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
         """Write all of ``buffers`` at ``offset`` (retrying short writes)."""
-        total = sum(len(b) for b in buffers)
         done = os.pwritev(fd, buffers, offset)
-        if done < total:
+        if done < sum(map(len, buffers)):
             rest = b"".join(buffers)[done:]
             while rest:
                 n = os.pwrite(fd, rest, offset + done)

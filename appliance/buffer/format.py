@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import crc32c
@@ -71,6 +72,7 @@ class Flags(enum.IntFlag):
 
 
 _KNOWN_FLAGS = int(Flags.GAP | Flags.XRUN)
+_BPS = {int(k): v for k, v in BYTES_PER_SAMPLE.items()}
 
 
 @dataclass(frozen=True)
@@ -180,52 +182,73 @@ def check_geometry(slot_size: int, size_bytes: int, stream_id: int) -> int:
 
 def encode_record(r: Record, *, max_payload: int) -> tuple[bytes, bytes]:
     """Header bytes (96) and payload for ``r``; FormatError if a field is out of range."""
-    _check_fields(r, max_payload)
-    head = _RECORD_HEADER.pack(
-        RECORD_MAGIC, FORMAT_VERSION, RECORD_HEADER_SIZE, r.stream_id, len(r.payload), r.seq,
-        r.boot_id, r.mono_ns, r.wall_ns, r.frame_pos, r.gap_frames, r.frames, r.rate,
-        int(r.flags), r.channels, int(r.sample_format), 0,
+    head = encode_header(
+        r.stream_id, r.seq, r.boot_id, r.mono_ns, r.wall_ns, r.frame_pos, r.frames, r.channels,
+        r.sample_format, r.rate, r.flags, r.gap_frames, r.payload, max_payload,
     )
-    head += _U32.pack(crc32c.crc32c(head))
-    head += _U32.pack(crc32c.crc32c(r.payload, crc32c.crc32c(head)))
     return head, r.payload
 
 
-def _check_fields(r: Record, max_payload: int) -> None:
-    """Raise FormatError naming the first field that cannot be stored or does not add up."""
-    if len(r.payload) > max_payload:
-        raise FormatError(f"payload of {len(r.payload)} bytes: expected at most {max_payload}")
-    problems = [
-        (not 0 <= r.seq <= U64, f"seq {r.seq}: expected 0..{U64}"),
-        (len(r.boot_id) != 16, f"boot_id of {len(r.boot_id)} bytes: expected 16"),
-        (not I64_MIN <= r.mono_ns <= I64_MAX, f"mono_ns {r.mono_ns}: expected a signed 64-bit"),
-        (not I64_MIN <= r.wall_ns <= I64_MAX, f"wall_ns {r.wall_ns}: expected a signed 64-bit"),
-        (not 0 <= r.frame_pos <= U64, f"frame_pos {r.frame_pos}: expected 0..{U64}"),
-        (not 0 <= r.frames <= U32, f"frames {r.frames}: expected 0..{U32}"),
-        (not 1 <= r.channels <= U16, f"channels {r.channels}: expected 1..{U16}"),
-        (not 1 <= r.rate <= U32, f"rate {r.rate}: expected 1..{U32}"),
-        (not 0 <= r.gap_frames <= U64, f"gap_frames {r.gap_frames}: expected 0..{U64}"),
-        (int(r.flags) & ~_KNOWN_FLAGS != 0, f"flags {int(r.flags)}: expected GAP|XRUN bits only"),
-        (
-            r.gap_frames != 0 and not r.flags & Flags.GAP,
-            f"gap_frames {r.gap_frames} without Flags.GAP: expected 0",
-        ),
-    ]
-    for bad, msg in problems:
-        if bad:
-            raise FormatError(msg)
+def encode_header(  # positional: this is the append hot path
+    stream_id: int, seq: int, boot_id: bytes, mono_ns: int, wall_ns: int, frame_pos: int,
+    frames: int, channels: int, sample_format: int, rate: int, flags: int, gap_frames: int,
+    payload: bytes, max_payload: int, /,
+) -> bytes:
+    """The 96-byte record header (with both CRCs) for these fields; FormatError if one is bad."""
+    fmt, fl, plen = int(sample_format), int(flags), len(payload)
+    bps = _BPS.get(fmt, 0)
+    if (
+        plen > max_payload or plen != frames * channels * bps or fl & ~_KNOWN_FLAGS
+        or (gap_frames and not fl & 1) or len(boot_id) != 16 or channels < 1 or rate < 1
+    ):
+        fields = (stream_id, seq, boot_id, mono_ns, wall_ns, frame_pos, frames, channels, fmt,
+                  rate, fl, gap_frames, plen)
+        raise FormatError(field_problem(*fields, max_payload) or "record fields do not check")
     try:
-        fmt = SampleFormat(r.sample_format)
-    except ValueError as err:
-        raise FormatError(
-            f"sample_format {r.sample_format}: expected one of {[int(f) for f in SampleFormat]}"
-        ) from err
-    expect = r.frames * r.channels * BYTES_PER_SAMPLE[fmt]
-    if len(r.payload) != expect:
-        raise FormatError(
-            f"payload of {len(r.payload)} bytes: expected frames*channels*{BYTES_PER_SAMPLE[fmt]}"
-            f" = {expect}"
+        head = _RECORD_HEADER.pack(
+            RECORD_MAGIC, FORMAT_VERSION, RECORD_HEADER_SIZE, stream_id, plen, seq, boot_id,
+            mono_ns, wall_ns, frame_pos, gap_frames, frames, rate, fl, channels, fmt, 0,
         )
+    except struct.error as err:
+        fields = (stream_id, seq, boot_id, mono_ns, wall_ns, frame_pos, frames, channels, fmt,
+                  rate, fl, gap_frames, plen)
+        raise FormatError(field_problem(*fields, max_payload) or f"record field: {err}") from err
+    hcrc = crc32c.crc32c(head)
+    head += _U32.pack(hcrc)
+    return head + _U32.pack(crc32c.crc32c(payload, crc32c.crc32c(head[_HDR_CRC_END:], hcrc)))
+
+
+def field_problem(
+    stream_id: int, seq: int, boot_id: bytes, mono_ns: int, wall_ns: int, frame_pos: int,
+    frames: int, channels: int, fmt: int, rate: int, flags: int, gap_frames: int, plen: int,
+    max_payload: int,
+) -> str | None:
+    """One-line description of the first field that cannot be stored or does not add up."""
+    if plen > max_payload:
+        return f"payload of {plen} bytes: expected at most {max_payload}"
+    checks: list[tuple[bool, Callable[[], str]]] = [
+        (not 0 <= stream_id <= U32, lambda: f"stream_id {stream_id}: expected 0..{U32}"),
+        (not 0 <= seq <= U64, lambda: f"seq {seq}: expected 0..{U64}"),
+        (len(boot_id) != 16, lambda: f"boot_id of {len(boot_id)} bytes: expected 16"),
+        (not I64_MIN <= mono_ns <= I64_MAX, lambda: f"mono_ns {mono_ns}: expected signed 64-bit"),
+        (not I64_MIN <= wall_ns <= I64_MAX, lambda: f"wall_ns {wall_ns}: expected signed 64-bit"),
+        (not 0 <= frame_pos <= U64, lambda: f"frame_pos {frame_pos}: expected 0..{U64}"),
+        (not 0 <= frames <= U32, lambda: f"frames {frames}: expected 0..{U32}"),
+        (not 1 <= channels <= U16, lambda: f"channels {channels}: expected 1..{U16}"),
+        (not 1 <= rate <= U32, lambda: f"rate {rate}: expected 1..{U32}"),
+        (not 0 <= gap_frames <= U64, lambda: f"gap_frames {gap_frames}: expected 0..{U64}"),
+        (flags & ~_KNOWN_FLAGS != 0, lambda: f"flags {flags}: expected GAP|XRUN bits only"),
+        (gap_frames != 0 and not flags & Flags.GAP,
+         lambda: f"gap_frames {gap_frames} without Flags.GAP: expected 0"),
+        (fmt not in _BPS, lambda: f"sample_format {fmt}: expected one of {sorted(_BPS)}"),
+    ]
+    for bad, msg in checks:
+        if bad:
+            return msg()
+    bps = _BPS[fmt]
+    if plen != frames * channels * bps:
+        return f"payload of {plen} bytes: expected frames*channels*{bps} = {frames * channels * bps}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -276,11 +299,8 @@ def decode_record(data: bytes, geo: FileHeader, slot: int) -> Record | None:
         sample_format=SampleFormat(fmt), rate=rate, flags=Flags(flags & _KNOWN_FLAGS),
         gap_frames=gap_frames, payload=bytes(payload),
     )
-    try:
-        _check_fields(rec, geo.max_payload)
-    except FormatError:
-        return None
-    if flags & ~_KNOWN_FLAGS:
+    if field_problem(stream_id, seq, boot_id, mono, wall, frame_pos, frames, channels, fmt, rate,
+                     flags, gap_frames, len(payload), geo.max_payload):
         return None
     return rec
 

@@ -9,6 +9,7 @@ records missing or torn in any order). See docs/ring-format.md, "Recovery".
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from appliance.errors import FormatError
 # Local scan: stop after this many consecutive slots without a newer record. A power cut can
 # lose unsynced records out of order; holes up to this long before the newest record are found.
 SCAN_WINDOW = 256
+# Local scan: slots read per system call.
+SCAN_BATCH = 16
 # Binary search: how far to look beside a probe that hit an unreadable slot.
 PROBE_NEIGHBOURS = 8
 
@@ -86,6 +89,18 @@ class SlotFile:
         journal that has not wrapped yet still looks monotonic. None for an unreadable slot.
         """
         head = self.io.pread(self.fd, RECORD_HEADER_SIZE, self.geo.slot_offset(slot))
+        return self._key(head, slot)
+
+    def keys(self, first: int, count: int) -> list[int | None]:
+        """:meth:`key` of ``count`` consecutive slots from ``first`` (no wrap), in one read."""
+        size = self.geo.slot_size
+        data = self.io.pread(self.fd, count * size, self.geo.slot_offset(first))
+        return [
+            self._key(data[i * size : i * size + RECORD_HEADER_SIZE], first + i)
+            for i in range(count)
+        ]
+
+    def _key(self, head: bytes, slot: int) -> int | None:
         sh = peek_header(head, self.geo, slot)
         if sh is not None:
             return sh.seq
@@ -149,10 +164,7 @@ def locate_newest(sf: SlotFile, window: int | None = None) -> Record | None:
     # Forward: newer records beyond holes and torn slots, until a window without progress.
     best_claim = -1 if best is None else best.seq
     misses = 0
-    slot = start
-    for _ in range(n):
-        slot = (slot + 1) % n
-        k = sf.key(slot)
+    for slot, k in _keys_after(sf, start):
         if k is not None and k > best_claim:
             rec = sf.load(slot)
             if rec is not None and (best is None or rec.seq > best.seq):
@@ -164,6 +176,18 @@ def locate_newest(sf: SlotFile, window: int | None = None) -> Record | None:
         if misses >= window:
             break
     return best
+
+
+def _keys_after(sf: SlotFile, start: int) -> Iterator[tuple[int, int | None]]:
+    """(slot, key) for every slot after ``start`` once around the ring, read in batches."""
+    n = sf.geo.slot_count
+    slot, left = (start + 1) % n, n - 1
+    while left > 0:
+        count = min(SCAN_BATCH, n - slot, left)
+        for i, k in enumerate(sf.keys(slot, count)):
+            yield slot + i, k
+        left -= count
+        slot = (slot + count) % n
 
 
 def locate_oldest(sf: SlotFile, newest: int) -> int | None:

@@ -11,14 +11,15 @@ from types import TracebackType
 
 from appliance.buffer.fileio import FileIO
 from appliance.buffer.format import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER_SIZE,
     FileHeader,
     Flags,
-    Record,
     RingError,
     SampleFormat,
     check_geometry,
     encode_file_header,
-    encode_record,
+    encode_header,
 )
 from appliance.buffer.recovery import SlotFile, locate_newest, read_file_header
 from appliance.errors import ConfigError, FormatError
@@ -130,17 +131,16 @@ class RingWriter:
         """Write one record into its slot and return its seq; FormatError if it does not fit."""
         fd = self._require_open()
         seq = self._next_seq
-        rec = Record(
-            stream_id=self._geo.stream_id, seq=seq, boot_id=self._boot_id,
-            mono_ns=time.monotonic_ns() if mono_ns is None else mono_ns,
-            wall_ns=time.time_ns() if wall_ns is None else wall_ns,
-            frame_pos=frame_pos, frames=frames, channels=channels,
-            sample_format=sample_format, rate=rate, flags=Flags(flags), gap_frames=gap_frames,
-            payload=payload,
+        geo = self._geo
+        head = encode_header(
+            geo.stream_id, seq, self._boot_id,
+            time.monotonic_ns() if mono_ns is None else mono_ns,
+            time.time_ns() if wall_ns is None else wall_ns,
+            frame_pos, frames, channels, sample_format, rate, flags, gap_frames, payload,
+            geo.slot_size - RECORD_HEADER_SIZE,
         )
-        head, body = encode_record(rec, max_payload=self._geo.max_payload)
-        offset = self._geo.slot_offset(seq % self._geo.slot_count)
-        self._io.pwritev(fd, [head, body], offset)
+        offset = FILE_HEADER_SIZE + (seq % geo.slot_count) * geo.slot_size
+        self._io.pwritev(fd, [head, payload], offset)
         self._next_seq = seq + 1
         now = self._io.monotonic()
         if now - self._last_sync >= self._sync_interval:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ import numpy as np
 
 from appliance.buffer import Flags, Gap, Record, RingReader
 from appliance.config import CaptureSection, Config
-from appliance.durable import atomic_write_json, write_status
-from appliance.errors import ConfigError, FormatError
+from appliance.durable import atomic_write_json, fsync_dir, write_status
+from appliance.errors import ApplianceError, ConfigError, FormatError
 from appliance.recorder.detect import CallDetector, DetectorConfig
 from appliance.recorder.spool import Spool, remove_unreferenced
 from appliance.seal import FIRST_SEQ, DeviceKey, SegmentInput, decode_wire, encode_wire, seal_segment
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 MAX_FILLED_GAP_S = 10.0
 MAX_BATCH = 256
+MAX_ALARMS = 20
+NEXT_KEY_FILE = "device.next.key"
+REOPEN_CHECK_S = 1.0
 
 
 @dataclass
@@ -78,7 +82,10 @@ class PendingSeal:
 @dataclass
 class StreamState:
     section: CaptureSection
-    reader: RingReader
+    path: Path
+    reader: RingReader | None = None
+    inode: int = 0
+    checked_at: float = 0.0
     cursor: int | None = None
     expect_frame: int | None = None
     rate: int = 0
@@ -108,14 +115,16 @@ class Recorder:
         self.next_seq = FIRST_SEQ
         self.prev_hash: str | None = None
         self.spool_gen = 0
+        self.rotation: dict[str, Any] | None = None
         self.sealed = 0
         self.calls_started = 0
         self._pending: list[PendingSeal] = []
         self._last_checkpoint = 0.0
         self._last_status = 0.0
         self.caught_up = False
+        self.alarms: list[dict[str, Any]] = []
         self.streams = [
-            StreamState(section=s, reader=RingReader(cfg.ring_path(s.name))) for s in cfg.capture
+            StreamState(section=s, path=cfg.ring_path(s.name)) for s in cfg.capture
         ]
         self._recover()
 
@@ -137,6 +146,7 @@ class Recorder:
             self.next_seq = int(state["next_seq"])
             self.prev_hash = state["prev_manifest_sha256"]
             self.spool_gen = int(state["spool_gen"])
+            self.rotation = state.get("rotation")
             for stream in self.streams:
                 self._restore_stream(stream, state["streams"].get(stream.section.name))
         # Phase 3 of the seal commit: prepared segments the checkpoint covers are published.
@@ -147,6 +157,8 @@ class Recorder:
                 self.outbox.discard_prepared(seq)
         keep = {ln.spool.path for s in self.streams for ln in s.lines if ln.spool is not None}
         remove_unreferenced(self.spool_dir, keep)
+        if self.rotation is not None and self.rotation["seq"] < self.next_seq:
+            self._finish_rotation()
 
     def _manifest_hash_in_outbox(self, seq: int) -> str | None:
         for read in (self.outbox.read, self._read_prepared):
@@ -223,6 +235,7 @@ class Recorder:
             "next_seq": self.next_seq,
             "prev_manifest_sha256": self.prev_hash,
             "spool_gen": self.spool_gen,
+            "rotation": self.rotation,
             "streams": streams,
         }
 
@@ -254,14 +267,17 @@ class Recorder:
         """Process what the journals hold now; return the number of records handled."""
         handled = 0
         for stream in self.streams:
+            reader = self._reader(stream)
+            if reader is None:
+                continue
             if stream.cursor is None:
-                oldest = stream.reader.oldest_seq()
+                oldest = reader.oldest_seq()
                 if oldest is None:
                     continue
                 stream.cursor = oldest
-            stream.reader.seek(stream.cursor)
+            reader.seek(stream.cursor)
             batch: list[Record] = []
-            for item in stream.reader.poll(MAX_BATCH):
+            for item in reader.poll(MAX_BATCH):
                 handled += 1
                 if isinstance(item, Gap):
                     self._process_batch(stream, batch)
@@ -280,6 +296,38 @@ class Recorder:
             self.checkpoint()
         return handled
 
+    def _reader(self, stream: StreamState) -> RingReader | None:
+        """The stream's journal reader, (re)opened when capture created or replaced the file."""
+        now = time.monotonic()
+        if stream.reader is not None and now - stream.checked_at < REOPEN_CHECK_S:
+            return stream.reader
+        stream.checked_at = now
+        try:
+            inode = os.stat(stream.path).st_ino
+        except FileNotFoundError:
+            return stream.reader
+        if stream.reader is not None and inode == stream.inode:
+            return stream.reader
+        try:
+            reader = RingReader(stream.path)
+        except (OSError, ApplianceError) as err:
+            log.warning("journal %s not readable yet: %s", stream.path, err)
+            return stream.reader
+        if stream.reader is not None:
+            # Capture moved a bad journal aside and started a fresh one: follow it from its
+            # oldest record; the jump in frame positions becomes a gap note.
+            log.warning("journal %s was replaced: following the new file", stream.path)
+            self._alarm("journal-replaced", stream=stream.section.name)
+            stream.reader.close()
+            stream.cursor = None
+        stream.reader, stream.inode = reader, inode
+        return reader
+
+    def _alarm(self, kind: str, **detail: Any) -> None:
+        """Alarms are kept in the status file (shown by `appliance status`) and logged."""
+        self.alarms.append({"kind": kind, "ts": time.time(), **detail})
+        del self.alarms[:-MAX_ALARMS]
+
     def _process_batch(self, stream: StreamState, batch: list[Record]) -> None:
         """Contiguous records are processed as one block (the detector is chunking-invariant)."""
         if not batch:
@@ -288,7 +336,11 @@ class Recorder:
         self._ensure_lines(stream, first)
         if stream.expect_frame is not None and first.frame_pos != stream.expect_frame:
             lost = first.frame_pos - stream.expect_frame
-            reason = "overrun" if first.flags & Flags.XRUN else stream.gap_reason
+            reason = stream.gap_reason
+            if first.flags & Flags.XRUN:
+                reason = "xrun"
+            elif first.flags & Flags.GAP:
+                reason = "capture-gap"
             self._handle_gap(stream, stream.expect_frame, lost, reason)
         stream.gap_reason = "lost"
         stream.anchor = (first.frame_pos, first.wall_ns)
@@ -320,6 +372,8 @@ class Recorder:
         """Audio the journal does not hold: filled with silence, or the calls are closed."""
         log.warning("stream %s: %d frames lost at frame %d (%s)",
                     stream.section.name, frames, at, reason)
+        self._alarm("audio-lost", stream=stream.section.name, at_frame=at, frames=frames,
+                    reason=reason)
         note = {"at_frame": at, "frames": frames, "reason": reason}
         if 0 < frames <= MAX_FILLED_GAP_S * stream.rate:
             for line in stream.lines:
@@ -389,7 +443,7 @@ class Recorder:
         earliest = block_start
         s = seq - 1
         while earliest > first and s >= 0:
-            rec = stream.reader.get(s)
+            rec = stream.reader.get(s) if stream.reader is not None else None
             if rec is None or rec.frame_pos + rec.frames > earliest:
                 break
             pcm = np.frombuffer(rec.payload, dtype="<i2").reshape(rec.frames, rec.channels)
@@ -428,9 +482,35 @@ class Recorder:
                 return s
         raise LookupError(line.line)
 
+    @property
+    def next_key_path(self) -> Path:
+        return self.cfg.keys_dir / NEXT_KEY_FILE
+
+    def _rotation_candidate(self) -> DeviceKey | None:
+        if self.rotation is not None or not self.next_key_path.exists():
+            return None
+        return DeviceKey.load(self.next_key_path)
+
+    def _finish_rotation(self) -> None:
+        """After the announcing segment is committed, the new key replaces the old one."""
+        if self.rotation is None:
+            return
+        if self.next_key_path.exists():
+            new_key = DeviceKey.load(self.next_key_path)
+            if new_key.key_id == self.rotation["key_id"]:
+                os.replace(self.next_key_path, self.cfg.keys_dir / "device.key")
+                # Durability: the switch to the new signing key survives a power cut.
+                fsync_dir(self.cfg.keys_dir)
+                self.key = new_key
+                log.info("signing key rotated to %s (announced in segment %d)",
+                         new_key.key_id, self.rotation["seq"])
+        self.rotation = None
+        self.checkpoint()
+
     def _seal_pending(self) -> None:
         pending, self._pending = self._pending, []
         prepared: list[int] = []
+        next_key = self._rotation_candidate()
         for p in pending:
             stream = self._stream_of(p.line)
             if p.frames <= 0:
@@ -446,7 +526,12 @@ class Recorder:
                 device_id=self.cfg.device.id, seq=self.next_seq,
                 prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=self.key,
                 codec=self.cfg.seal.codec, opus_bitrate=self.cfg.seal.opus_bitrate,
+                next_key=next_key,
             )
+            if next_key is not None:
+                # The old key signs the announcement of the new one: the chain stays verifiable.
+                self.rotation = {"key_id": next_key.key_id, "seq": seg.seq}
+                next_key = None
             # Phase 1: the sealed segment is durable but not yet visible to the uplink.
             self.outbox.prepare(seg.seq, encode_wire(seg), seg.payload_sha256)
             prepared.append(seg.seq)
@@ -462,6 +547,7 @@ class Recorder:
             self.outbox.commit(seq)
         for p in pending:
             p.spool.remove()
+        self._finish_rotation()
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -480,7 +566,7 @@ class Recorder:
         ]
         return {"ts": time.time(), "lines": lines, "sealed": self.sealed,
                 "calls_started": self.calls_started, "next_seq": self.next_seq,
-                "caught_up": self.caught_up,
+                "caught_up": self.caught_up, "alarms": list(self.alarms),
                 "cursors": {s.section.name: s.cursor for s in self.streams}}
 
     def run(self, stop: threading.Event, status_path: Path | None = None) -> None:

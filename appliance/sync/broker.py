@@ -39,6 +39,14 @@ class BrokerError(ApplianceError):
 
 def find_mosquitto() -> str:
     """The mosquitto binary, looked up on PATH and in the sbin folders (often not on PATH)."""
+    override = os.environ.get("APPLIANCE_MOSQUITTO")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise DependencyError(
+                f"mosquitto not found at APPLIANCE_MOSQUITTO={override}: install it with "
+                "'apt-get install mosquitto' or point the variable at the binary"
+            )
+        return override
     path = os.environ.get("PATH", "")
     found = shutil.which("mosquitto", path=os.pathsep.join([path, *SEARCH_DIRS]))
     if found is None:

@@ -160,17 +160,13 @@ class Outbox:
         return self._scan(SEG_RE)
 
     def read(self, seq: int) -> bytes:
-        try:
-            return self.seg_path(seq).read_bytes()
-        except FileNotFoundError as err:
-            raise OutboxError(f"segment {seq} is not pending in {self.path}") from err
+        """The committed blob; FileNotFoundError (naming the file) once it is acknowledged."""
+        return self.seg_path(seq).read_bytes()
 
     def sha256_of(self, seq: int) -> str:
+        """The payload SHA-256 given to prepare(); FileNotFoundError if it has no sidecar."""
         path = self.sidecar_path(seq)
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError as err:
-            raise OutboxError(f"segment {seq} has no SHA-256 sidecar {path.name}") from err
+        text = path.read_text().strip()
         if not SHA_RE.match(text):
             raise FormatError(f"{path} does not hold 64 lowercase hex digits")
         return text
@@ -185,7 +181,7 @@ class Outbox:
             try:
                 if self.sha256_of(seq) != sha256:
                     return False
-            except (OutboxError, FormatError):
+            except (OSError, FormatError):
                 return False
             self._record_acked(seq)
             # Durability: the segment is gone for good once acknowledged (no resend after a
@@ -202,7 +198,7 @@ class Outbox:
                 raise OutboxError(f"segment {seq} is not pending in {self.path}")
             try:
                 sha: str | None = self.sha256_of(seq)
-            except (OutboxError, FormatError):
+            except (OSError, FormatError):
                 sha = None
             # Durability: the reason is on disk before the segment moves beside it.
             atomic_write_json(self.rejected_dir / f"{seg.name}.reason.json",

@@ -43,7 +43,7 @@ from watchdog.observers import Observer
 from appliance import __version__
 from appliance.durable import atomic_write_json, write_status
 from appliance.errors import ConfigError, FormatError
-from appliance.sync.outbox import SEG_RE, Outbox, OutboxError
+from appliance.sync.outbox import SEG_RE, Outbox
 from appliance.sync.protocol import (
     DEVICE_ID_RE,
     MAX_CONTROL_MESSAGE,
@@ -307,6 +307,9 @@ class Uplink:
 
     def run(self, stop: threading.Event) -> None:
         """Send and clear the outbox until ``stop`` is set; survives broker and network loss."""
+        stray = self.outbox.remove_stray_sidecars()
+        if stray:
+            log.info("uplink: removed %d SHA-256 sidecars left by a crash after an ack", len(stray))
         observer = self._start_watcher()
         delay = self.reconnect_min_s
         next_connect = 0.0
@@ -320,6 +323,8 @@ class Uplink:
                     lost, link, gen = self._lost, self._link, self._ready_gen
                 if lost:
                     self._teardown(graceful=False)
+                    # Nothing is in flight on a dead link; all of it goes again on the next one.
+                    self._inflight.clear()
                     next_connect = now + self._backoff(delay)
                     delay = min(delay * 2, self.reconnect_max_s)
                 elif self._client is None and now >= next_connect:
@@ -332,6 +337,7 @@ class Uplink:
                     seen_gen = gen
                     delay = self.reconnect_min_s
                     self._inflight.clear()
+                    self._skipped.clear()
                     self._dirty.set()
                 if self._dirty.is_set() or now >= next_rescan:
                     self._dirty.clear()
@@ -342,7 +348,8 @@ class Uplink:
                 if self.status_path is not None and now >= next_status:
                     self._write_status()
                     next_status = now + STATUS_INTERVAL_S
-                self._wake.wait(self._sleep_time(next_connect, next_rescan, next_status))
+                self._wake.wait(self._sleep_time(next_connect, next_rescan, next_status,
+                                                 sending=link is Link.READY))
                 self._wake.clear()
         finally:
             self._teardown(graceful=True)
@@ -364,14 +371,16 @@ class Uplink:
             return None
         return observer
 
-    def _sleep_time(self, next_connect: float, next_rescan: float, next_status: float) -> float:
+    def _sleep_time(self, next_connect: float, next_rescan: float, next_status: float, *,
+                    sending: bool) -> float:
         now = time.monotonic()
         deadlines = [next_rescan]
         if self.status_path is not None:
             deadlines.append(next_status)
         if self._client is None:
             deadlines.append(next_connect)
-        deadlines += [f.sent_at + self._ack_wait(f) for f in self._inflight.values()]
+        if sending:
+            deadlines += [f.sent_at + self._ack_wait(f) for f in self._inflight.values()]
         return max(0.01, float(min(deadlines)) - now)
 
     def _ack_wait(self, flight: _InFlight) -> float:
@@ -399,7 +408,7 @@ class Uplink:
         try:
             sha = self.outbox.sha256_of(seq)
             blob = self.outbox.read(seq)
-        except (OutboxError, FormatError) as err:
+        except (OSError, FormatError) as err:
             # Gone (acknowledged or rejected meanwhile) or unusable: never deleted from here.
             self._inflight.pop(seq, None)
             if self.outbox.seg_path(seq).exists():
@@ -436,7 +445,7 @@ class Uplink:
         seq = ack.seq
         try:
             held = self.outbox.sha256_of(seq) if self.outbox.seg_path(seq).exists() else None
-        except (OutboxError, FormatError):
+        except (OSError, FormatError):
             held = None
         if held is None:
             self._inflight.pop(seq, None)
@@ -474,9 +483,8 @@ class Uplink:
                 "device_id": self.device_id,
                 "link": str(self._link),
                 "session": self._session,
-                "backlog_segments": backlog.segments,
-                "backlog_bytes": backlog.bytes,
-                "oldest_age_s": round(backlog.oldest_age_s, 3),
+                "backlog": {"segments": backlog.segments, "bytes": backlog.bytes,
+                            "oldest_age_s": round(backlog.oldest_age_s, 3)},
                 "in_flight": len(self._inflight),
                 "last_ack_ts": self._last_ack_ts,
                 "ts": time.time(),

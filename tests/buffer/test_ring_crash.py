@@ -206,12 +206,10 @@ def _check_state(
     seqs = [r.seq for r in records]
     if seqs != sorted(set(seqs)):
         bad.append(f"records out of order or duplicated: {seqs}")
-    for r in records:
-        if written.get(r.seq) != r:
-            bad.append(f"record {r.seq} differs from the one written")
-    for g in items:
-        if isinstance(g, Gap) and (g.reason != "corrupt" or g.first_seq > g.last_seq):
-            bad.append(f"unexpected gap {g}")
+    bad += [f"record {r.seq} differs from the one written" for r in records
+            if written.get(r.seq) != r]
+    bad += [f"unexpected gap {g}" for g in items
+            if isinstance(g, Gap) and (g.reason != "corrupt" or g.first_seq > g.last_seq)]
     got = set(seqs)
     floor = -1 if newest is None else newest - slots
     for slot in range(slots):
@@ -260,8 +258,8 @@ def test_crash_states_recover(monkeypatch: pytest.MonkeyPatch, ring_summary: lis
             states = list(_crash_states(rng, phase, sc.per_point))
             for img, touched, desc in states:
                 total += 1
-                for v in _check_state(img, touched, base_valid, written, sc.slots, sc.interval):
-                    violations.append(f"seed {sc.seed} phase {phase_no} {desc}: {v}")
+                found = _check_state(img, touched, base_valid, written, sc.slots, sc.interval)
+                violations += [f"seed {sc.seed} phase {phase_no} {desc}: {v}" for v in found]
             # The next phase starts from a crash state late in this one (holes and torn slots).
             base = rng.choice(states[-len(states) // 4 :])[0]
     summary = f"crash states checked: {total}, violations: {len(violations)}"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from appliance.demo import DEVICE_ID
-from tests.e2e.harness import RATE, Pipeline, central, exported_audio
+from tests.e2e.harness import Pipeline, central, exported_audio
 
 
 def wait_drained(p: Pipeline, timeout_s: float = 240.0) -> None:
@@ -101,7 +101,6 @@ def test_segments_listing_gives_file_paths(pipeline_factory: Any) -> None:
     listed = central(p.home, "segments", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
-    assert rows and all(r["device_id"] == DEVICE_ID for r in rows)
+    assert rows and all(r["device"] == DEVICE_ID for r in rows)
     for r in rows:
         assert Path(r["manifest_path"]).is_file() and Path(r["payload_path"]).is_file()
-    _ = RATE

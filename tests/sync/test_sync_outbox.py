@@ -197,3 +197,16 @@ def test_state_machine_invariants(tmp_path_factory: pytest.TempPathFactory,
         assert box.pending() == sorted(model)
         assert box.highest_seq() == (next_seq - 1 if next_seq else None)
         assert box.backlog().bytes == sum(len(b) for b in model.values())
+
+
+def test_stray_sidecars_of_acknowledged_numbers_are_removed(outbox: Outbox) -> None:
+    add_segment(outbox, 2, b"two")
+    assert outbox.acknowledge(2, sha(b"two"))
+    # What a crash between the blob's and the sidecar's unlink leaves behind:
+    (outbox.path / "seg-000000000001.sha256").write_text(sha(b"one") + "\n")
+    # What a crash inside prepare() of a fresh number leaves behind (must stay):
+    (outbox.path / "seg-000000000003.sha256").write_text(sha(b"three") + "\n")
+    add_segment(outbox, 4, b"four")
+    assert outbox.remove_stray_sidecars() == [1]
+    assert (outbox.path / "seg-000000000003.sha256").exists()
+    assert outbox.sha256_of(4) == sha(b"four")

@@ -41,10 +41,15 @@ def test_all_segments_delivered_acked_and_deleted(
     assert outbox.highest_seq() == 39
     wait_until(lambda: up.uplink.stats()["acked"] == 40, "every ack counted")
     stats = up.uplink.stats()
-    assert stats["acked"] == 40 and stats["backlog_segments"] == 0
+    assert stats["acked"] == 40 and stats["backlog"]["segments"] == 0
     assert stats["link"] == "ready" and stats["session"] == 1
-    status = json.loads((tmp_path / "uplink-box1.json").read_text())
-    assert status["device_id"] == "box1" and "in_flight" in status
+    status_file = tmp_path / "uplink-box1.json"
+    wait_until(lambda: json.loads(status_file.read_text())["acked"] == 40,
+               "status file (rewritten every second) catching up")
+    status = json.loads(status_file.read_text())
+    assert status["device_id"] == "box1" and status["link"] == "ready"
+    assert set(status["backlog"]) == {"segments", "bytes", "oldest_age_s"}
+    assert {"in_flight", "acked", "last_ack_ts", "ts"} <= set(status)
     online = [Status.decode(bytes(m.payload)) for m in watcher.messages]
     assert online and online[-1].state == "online" and online[-1].session == 1
     assert json.loads((outbox.path / "session.json").read_text()) == {"session": 1}
