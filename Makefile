@@ -27,6 +27,8 @@ bench: setup
 	$(PY) bench/ring.py
 	$(PY) bench/seal.py
 	$(PY) bench/capture.py
+	$(PY) bench/uplink.py
+	$(PY) bench/dtmf.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -91,6 +91,11 @@ def build_parser() -> OneLineParser:
     krot = ksub.add_parser("rotate", help="make a new key; the next sealed segment announces it")
     krot.add_argument("--config", type=Path)
 
+    ana = sub.add_parser("analyze", help="call detection, DTMF, tones and caller ID over a WAV file")
+    ana.add_argument("wav", type=Path, metavar="FILE.wav")
+    ana.add_argument("--config", type=Path)
+    ana.add_argument("--json", action="store_true")
+
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
@@ -184,6 +189,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from appliance.analyze import analyze_command
+
+    return analyze_command(_config(args.config), args.wav, as_json=args.json)
+
+
 def cmd_buffer(args: argparse.Namespace) -> int:
     from appliance.buffer import buffer_check_command
 
@@ -200,6 +211,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "buffer": cmd_buffer,
     "keys": cmd_keys,
+    "analyze": cmd_analyze,
 }
 
 

@@ -93,15 +93,105 @@ class RingSection(_Section):
     slot_size: Annotated[int, Field(ge=4096, le=1048576, multiple_of=4096)] = 8192
 
 
-class RecorderSection(_Section):
-    threshold_db: Annotated[float, Field(ge=3.0, le=60.0)] = 12.0
-    min_level_dbfs: Annotated[float, Field(ge=-90.0, le=0.0)] = -50.0
-    start_debounce_ms: Annotated[int, Field(ge=0, le=2000)] = 60
-    stop_delay_s: Annotated[float, Field(ge=0.5, le=60.0)] = 4.0
-    pre_roll_s: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
-    min_call_s: Annotated[float, Field(ge=0.0, le=60.0)] = 1.0
-    max_segment_s: Annotated[float, Field(ge=5.0, le=3600.0)] = 300.0
+DigitSequence = Annotated[str, Field(pattern=r"^[0-9*#A-D]{0,8}$")]
+ToneCountry = Literal["na", "uk", "etsi"]
+MaskMode = Literal["silence", "comfort-noise"]
+
+
+class _LineSettings(_Section):
+    """Recorder settings that can also be set per line (see RecorderLine)."""
+
+    threshold_db: Annotated[
+        float, Field(ge=3.0, le=60.0, description="voice: this far above the floor")] = 12.0
+    min_level_dbfs: Annotated[
+        float, Field(ge=-90.0, le=0.0, description="voice: above this level")] = -50.0
+    start_debounce_ms: Annotated[int, Field(ge=0, le=2000, description="voice this long starts a call")] = 60
+    stop_delay_s: Annotated[float, Field(ge=0.5, le=60.0, description="silence this long ends a call")] = 4.0
+    pre_roll_s: Annotated[float, Field(ge=0.0, le=10.0, description="audio kept before the start")] = 2.0
+    min_call_s: Annotated[float, Field(ge=0.0, le=60.0, description="shorter calls are dropped")] = 1.0
+    max_segment_s: Annotated[float, Field(ge=5.0, le=3600.0, description="longest part of a call")] = 300.0
+    dtmf_min_level_dbfs: Annotated[
+        float, Field(ge=-60.0, le=-10.0, description="DTMF: quietest tone")] = -45.0
+    dtmf_twist_normal_db: Annotated[
+        float, Field(ge=0.0, le=20.0, description="DTMF: high tone this much below the low tone")] = 8.0
+    dtmf_twist_reverse_db: Annotated[
+        float, Field(ge=0.0, le=20.0, description="DTMF: high tone this much above the low tone")] = 4.0
+    dtmf_freq_tolerance_pct: Annotated[
+        float, Field(ge=1.5, le=3.5, description="DTMF: accepted deviation, %")] = 2.5
+    dtmf_min_tone_ms: Annotated[int, Field(ge=30, le=200, description="DTMF: shortest digit")] = 40
+    dtmf_min_pause_ms: Annotated[int, Field(ge=20, le=200, description="DTMF: shortest pause")] = 40
+    tone_country: ToneCountry = Field("etsi", description="call-progress tone preset")
+    end_call_on_busy: bool = Field(True, description="a busy or reorder tone ends the call at once")
+    caller_id: bool = Field(True, description="decode FSK and DTMF caller ID")
+    pci_masking: bool = Field(False, description="replace DTMF in stored audio, keep no digits")
+    pci_mask_mode: MaskMode = Field("silence", description="what replaces a masked digit")
+    pci_margin_ms: Annotated[int, Field(ge=0, le=100, description="masked before and after a digit")] = 20
+    pci_pause_sequence: DigitSequence = Field("", description="digits that open a pause window")
+    pci_resume_sequence: DigitSequence = Field("", description="digits that close it")
+    pci_pause_max_s: Annotated[float, Field(ge=10.0, le=7200.0, description="longest pause window")] = 600.0
+    long_call_alarm_h: Annotated[float, Field(ge=0.01, le=168.0, description="alarm: in a call longer")] = 4.0
+    silent_alarm_days: Annotated[float, Field(ge=0.01, le=365.0, description="alarm: no call for days")] = 7.0
+
+    @model_validator(mode="after")
+    def _sequences(self) -> _LineSettings:
+        if bool(self.pci_pause_sequence) != bool(self.pci_resume_sequence):
+            raise ValueError("pci_pause_sequence and pci_resume_sequence must be set together")
+        if self.pci_pause_sequence and self.pci_pause_sequence == self.pci_resume_sequence:
+            raise ValueError("pci_pause_sequence and pci_resume_sequence must differ")
+        return self
+
+
+class RecorderLine(_Section):
+    """Per-line overrides: ``[[recorder.line]]`` with ``line = "L1"`` and any key of
+    [recorder] that describes a line."""
+
+    line: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="line id")]
+    threshold_db: Annotated[float, Field(ge=3.0, le=60.0)] | None = None
+    min_level_dbfs: Annotated[float, Field(ge=-90.0, le=0.0)] | None = None
+    start_debounce_ms: Annotated[int, Field(ge=0, le=2000)] | None = None
+    stop_delay_s: Annotated[float, Field(ge=0.5, le=60.0)] | None = None
+    pre_roll_s: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    min_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
+    max_segment_s: Annotated[float, Field(ge=5.0, le=3600.0)] | None = None
+    dtmf_min_level_dbfs: Annotated[float, Field(ge=-60.0, le=-10.0)] | None = None
+    dtmf_twist_normal_db: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
+    dtmf_twist_reverse_db: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
+    dtmf_freq_tolerance_pct: Annotated[float, Field(ge=1.5, le=3.5)] | None = None
+    dtmf_min_tone_ms: Annotated[int, Field(ge=30, le=200)] | None = None
+    dtmf_min_pause_ms: Annotated[int, Field(ge=20, le=200)] | None = None
+    tone_country: ToneCountry | None = None
+    end_call_on_busy: bool | None = None
+    caller_id: bool | None = None
+    pci_masking: bool | None = None
+    pci_mask_mode: MaskMode | None = None
+    pci_margin_ms: Annotated[int, Field(ge=0, le=100)] | None = None
+    pci_pause_sequence: DigitSequence | None = None
+    pci_resume_sequence: DigitSequence | None = None
+    pci_pause_max_s: Annotated[float, Field(ge=10.0, le=7200.0)] | None = None
+    long_call_alarm_h: Annotated[float, Field(ge=0.01, le=168.0)] | None = None
+    silent_alarm_days: Annotated[float, Field(ge=0.01, le=365.0)] | None = None
+
+
+class RecorderSection(_LineSettings):
     commit_interval_s: Annotated[float, Field(ge=0.1, le=10.0, description="state checkpoint")] = 1.0
+    line: list[RecorderLine] = Field(default_factory=list, description="per-line overrides")
+
+    @model_validator(mode="after")
+    def _unique_lines(self) -> RecorderSection:
+        ids = [o.line for o in self.line]
+        if len(set(ids)) != len(ids):
+            raise ValueError("recorder.line entries must name each line once")
+        for o in self.line:
+            self.for_line(o.line)  # the merged settings must validate too
+        return self
+
+    def for_line(self, line: str) -> _LineSettings:
+        """The settings of ``line``: [recorder] with its [[recorder.line]] overrides."""
+        base = {k: getattr(self, k) for k in _LineSettings.model_fields}
+        for o in self.line:
+            if o.line == line:
+                base.update({k: v for k, v in o.model_dump(exclude={"line"}).items() if v is not None})
+        return _LineSettings.model_validate(base)
 
 
 class SealSection(_Section):
@@ -113,14 +203,27 @@ class SealSection(_Section):
 
 
 class UplinkSection(_Section):
-    transport: Literal["mqtt", "none"] = "mqtt"
+    transport: Literal["mqtt", "https", "none"] = "mqtt"
     host: Annotated[str, Field(min_length=1, max_length=253)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    https_url: str | None = Field(
+        None, pattern=r"^https://[^/\s]+/?$",
+        description="central's HTTPS receiver, https://host[:port]; default https://host:port")
     ca: Path | None = Field(None, description="CA certificate; default keys/ca.pem")
     cert: Path | None = Field(None, description="client certificate; default keys/client.pem")
     key: Path | None = Field(None, description="client key; default keys/client.key")
     window: Annotated[int, Field(ge=1, le=256)] = 8
     ack_timeout_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 15.0
+    chunk_bytes: Annotated[int, Field(
+        ge=4096, le=64 * 1024 * 1024,
+        description="segments larger than this go over MQTT in chunks of this size")] = 256 * 1024
+    max_kbps: Annotated[float, Field(
+        ge=0, le=10_000_000, description="upload cap in kbit/s, both transports; 0 = no cap")] = 0
+    order: Literal["oldest", "newest"] = Field("oldest", description="which backlog goes first")
+    outbox_max_mb: Annotated[float, Field(
+        ge=0, le=10_000_000, description="outbox quota in MiB; 0 = only the disk's reserve")] = 0
+    disk_full_policy: Literal["stop-new-calls", "drop-oldest"] = Field(
+        "stop-new-calls", description="when the outbox is full of unsent segments")
 
 
 class Config(_Section):

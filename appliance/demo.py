@@ -113,9 +113,9 @@ class Demo:
                                        "--config", str(self.config_path)])
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.box_dir / "logs" / f"{name}.log").open("ab")
-        # A session of its own: Ctrl-C reaches the demo, which stops everything in order.
-        return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        with (self.box_dir / "logs" / f"{name}.log").open("ab") as log:
+            # A session of its own: Ctrl-C reaches the demo, which stops everything in order.
+            return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
 
     def stop(self) -> None:
         for proc in (self.box, self.receiver):

@@ -71,12 +71,13 @@ def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
 
 
 def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
-    from appliance.sync.outbox import Outbox
-    from appliance.sync.uplink import Uplink
+    from appliance.sync.outbox import outbox_for
+    from appliance.sync.uplink_base import UplinkBase
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(cfg.outbox_dir)
-    if cfg.uplink.transport == "none":
+    outbox = outbox_for(cfg)
+    u = cfg.uplink
+    if u.transport == "none":
         log.info("uplink.transport = 'none': segments stay in the outbox")
         stop.wait()
         return
@@ -84,8 +85,21 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
     for what, path in (("uplink.ca", ca), ("uplink.cert", cert), ("uplink.key", key)):
         if not Path(path).is_file():
             raise ConfigError(f"{what}: file {path} does not exist (provision the box's TLS files)")
-    uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=cfg.uplink.host,
-                    port=cfg.uplink.port, ca=ca, cert=cert, key=key,
-                    status_path=cfg.run_dir / "uplink.json", window=cfg.uplink.window,
-                    ack_timeout_s=cfg.uplink.ack_timeout_s)
+    status_path = cfg.run_dir / "uplink.json"
+    uplink: UplinkBase
+    if u.transport == "https":
+        from appliance.sync.https_uplink import HttpsUplink, parse_https_url
+
+        host, port = parse_https_url(u.https_url) if u.https_url else (u.host, u.port)
+        uplink = HttpsUplink(device_id=cfg.device.id, outbox=outbox, host=host, port=port,
+                             ca=ca, cert=cert, key=key, status_path=status_path,
+                             ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
+                             chunk_bytes=u.chunk_bytes)
+    else:
+        from appliance.sync.uplink import Uplink
+
+        uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=u.host, port=u.port,
+                        ca=ca, cert=cert, key=key, status_path=status_path, window=u.window,
+                        ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
+                        chunk_bytes=u.chunk_bytes)
     uplink.run(stop)

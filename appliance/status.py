@@ -35,6 +35,10 @@ def collect(cfg: Config) -> dict[str, Any]:
             b = Outbox(cfg.outbox_dir).backlog()
             out["backlog"] = {"segments": b.segments, "bytes": b.bytes,
                               "oldest_age_s": b.oldest_age_s}
+    up = stages.get("uplink", {})
+    out["link"] = up.get("link", "unknown") if up.get("running") else "unknown"
+    out["last_ack_ts"] = up.get("last_ack_ts")
+    out["alarms"] = list(up.get("alarms", []))
     return out
 
 
@@ -47,16 +51,27 @@ def status_command(cfg: Config, *, as_json: bool) -> int:
     for name, data in st["stages"].items():
         print(f"  {name:<16} {'running' if data['running'] else 'NOT RUNNING'}")
     rec = st["stages"].get("recorder", {})
+    if rec.get("lines") and not rec.get("running"):
+        age = time.time() - float(rec.get("ts", 0))
+        print(f"  lines as last seen {age:.0f} s ago (the recorder is not running):")
     for ln in rec.get("lines", []):
         state = "in call" if ln.get("in_call") else "idle"
         print(f"  line {ln['line']:<8} {state:<8} level {ln.get('level_db', -120):6.1f} dBFS")
+    for alarm in rec.get("alarms", []):
+        print(f"  ALARM {alarm.get('kind')}: " + ", ".join(
+            f"{k}={v}" for k, v in alarm.items() if k not in ("kind", "ts")))
     up = st["stages"].get("uplink", {})
     if up:
-        print(f"  link {up.get('link', 'unknown')}  last ack {up.get('last_ack_ts', '-')}")
+        last = up.get("last_ack_ts")
+        ago = f"{max(0.0, time.time() - float(last)):.0f} s ago" if last else "never"
+        link = up.get("link", "unknown") if up.get("running") else "unknown (uplink not running)"
+        print(f"  link {link}  last ack {ago}")
     b = st.get("backlog")
     if b:
         print(f"  outbox {b['segments']} segments, {b['bytes']} bytes, "
               f"oldest {b['oldest_age_s'] or 0:.0f} s")
+    for alarm in st.get("alarms", []):
+        print(f"  ALARM {alarm.get('alarm')}: {alarm.get('detail')}")
     ok = all(d["running"] for d in st["stages"].values())
     print("recording, all stages running" if ok else "ATTENTION: a stage is not running")
     return 0 if ok else 1

@@ -111,6 +111,26 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
+    from central.https import SegmentServer
+
+    home.require_writable()
+    for name in ("ca", "cert", "key"):
+        if not getattr(args, name).is_file():
+            raise ConfigError(f"--{name} file {getattr(args, name)} does not exist (a PEM file)")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is out of range (0..65535)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = SegmentServer(home, host=args.host, port=args.port, ca=args.ca, cert=args.cert,
+                           key=args.key)
+    print(f"serving HTTPS on {args.host}:{server.port}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.run(stop)
+    return 0
+
+
 def cmd_calls(home: Home, args: argparse.Namespace) -> int:
     since = _since_ns(args.since) if args.since else None
     with Index(home.index_path) as index:
@@ -362,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", type=Path)
     p.add_argument("--key", type=Path)
     p.add_argument("--group", help="shared-subscription group (default: central)")
+    p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")
+    p.add_argument("--ca", type=Path, required=True, help="CA that signs the boxes' certificates")
+    p.add_argument("--cert", type=Path, required=True, help="server certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="server key (PEM)")
     p = sub.add_parser("calls", help="list recorded calls")
     p.add_argument("--device")
     p.add_argument("--line")
@@ -384,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "enroll": cmd_enroll,
     "serve": cmd_serve,
+    "serve-https": cmd_serve_https,
     "calls": cmd_calls,
     "segments": cmd_segments,
     "export": cmd_export,

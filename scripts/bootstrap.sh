@@ -52,6 +52,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; th
   "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q --require-hashes -r requirements.lock
-  .venv/bin/python -m pip install -q --no-deps -e .
+  if ! out="$(.venv/bin/python -m pip install -q --no-deps -e . 2>&1)"; then
+    echo "$out" >&2
+    exit 1
+  fi
   echo "$want" > "$STAMP"
 fi

@@ -297,6 +297,30 @@ class CallDetector:
         self._level = levels[-1]
         return events
 
+    @property
+    def voice_start(self) -> int:
+        """First voice frame of the open call (or onset)."""
+        return self._run_start
+
+    def force_end(self, frame: int, tone_start: int) -> DetectorEvent | None:
+        """End the open call because a busy or reorder tone began at ``tone_start`` (recognised
+        at ``frame``). A call whose voice began with the tone was the tone: it is discarded.
+        Call this between blocks, at ``frame``; an onset in progress is dropped."""
+        if self._mode == _ONSET:
+            self._mode, self._run = _IDLE, 0
+            return None
+        if self._mode != _CALL:
+            return None
+        if self._run_start >= tone_start - self._flen:
+            end = max(min(frame, self._voice_end), self._call_start)
+            kind = CALL_DISCARD
+        else:
+            end = max(min(tone_start, frame), self._call_start)
+            kind = CALL_END
+        self._prev_end = end
+        self._mode, self._run, self._flat = _IDLE, 0, 0
+        return DetectorEvent(kind, end, end - self._call_start)
+
     def to_state(self) -> dict[str, Any]:
         """The detector's full state as JSON-serialisable data."""
         return {

@@ -32,10 +32,13 @@ from appliance.buffer import Flags, Gap, Record, RingReader
 from appliance.config import CaptureSection, Config
 from appliance.durable import atomic_write_json, fsync_dir, write_status
 from appliance.errors import ApplianceError, ConfigError, FormatError
-from appliance.recorder.detect import CallDetector, DetectorConfig
+from appliance.recorder.callmeta import INBOUND_WINDOW_S, OpenCall, avoid_leaks, part_meta
+from appliance.recorder.detect import CALL_START, CallDetector, DetectorEvent
+from appliance.recorder.lineproc import Analysis
+from appliance.recorder.lines import LineState, line_setup
 from appliance.recorder.spool import Spool, remove_unreferenced
 from appliance.seal import FIRST_SEQ, DeviceKey, SegmentInput, decode_wire, encode_wire, seal_segment
-from appliance.sync.outbox import Outbox
+from appliance.sync.outbox import outbox_for
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +51,6 @@ REOPEN_CHECK_S = 1.0
 
 
 @dataclass
-class OpenCall:
-    call_id: str
-    call_start_frame: int
-    part: int
-    part_start_frame: int
-    gaps: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class LineState:
-    line: str
-    channel: int
-    detector: CallDetector
-    call: OpenCall | None = None
-    spool: Spool | None = None
-
-
-@dataclass
 class PendingSeal:
     """A finished part waiting for the end of the record being processed."""
 
@@ -77,6 +59,7 @@ class PendingSeal:
     spool: Spool
     frames: int
     last: bool
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -111,7 +94,9 @@ class Recorder:
         self.spool_dir = self.dir / "spool"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
-        self.outbox = Outbox(cfg.outbox_dir)
+        # The quota and disk-full policy live in the outbox (uplink.outbox_max_mb, ...).
+        self.outbox = outbox_for(cfg)
+        self.unrecorded: list[dict[str, Any]] = []
         self.next_seq = FIRST_SEQ
         self.prev_hash: str | None = None
         self.spool_gen = 0
@@ -147,6 +132,7 @@ class Recorder:
             self.prev_hash = state["prev_manifest_sha256"]
             self.spool_gen = int(state["spool_gen"])
             self.rotation = state.get("rotation")
+            self.unrecorded = list(state.get("unrecorded", []))
             for stream in self.streams:
                 self._restore_stream(stream, state["streams"].get(stream.section.name))
         # Phase 3 of the seal commit: prepared segments the checkpoint covers are published.
@@ -197,10 +183,8 @@ class Recorder:
         stream.expect_frame = st["expect_frame"]
         stream.rate = st["rate"]
         stream.anchor = (st["anchor"][0], st["anchor"][1])
-        det_cfg = self._detector_config(stream.rate)
         for ln in st["lines"]:
-            line = LineState(line=ln["line"], channel=ln["channel"],
-                             detector=CallDetector.from_state(det_cfg, ln["detector"]))
+            line = LineState.from_state(ln, line_setup(self.cfg.recorder, ln["line"], stream.rate))
             if ln["call"] is not None:
                 line.call = OpenCall(**ln["call"])
                 line.spool = Spool(self.spool_dir, line.line, ln["spool_gen"])
@@ -218,17 +202,7 @@ class Recorder:
                 "expect_frame": s.expect_frame,
                 "rate": s.rate,
                 "anchor": list(s.anchor),
-                "lines": [
-                    {
-                        "line": ln.line,
-                        "channel": ln.channel,
-                        "detector": ln.detector.to_state(),
-                        "call": ln.call.to_state() if ln.call else None,
-                        "spool_gen": ln.spool.gen if ln.spool else None,
-                        "spool_frames": ln.spool.frames if ln.spool else 0,
-                    }
-                    for ln in s.lines
-                ],
+                "lines": [ln.to_state() for ln in s.lines],
             }
         return {
             "v": STATE_VERSION,
@@ -236,6 +210,7 @@ class Recorder:
             "prev_manifest_sha256": self.prev_hash,
             "spool_gen": self.spool_gen,
             "rotation": self.rotation,
+            "unrecorded": self.unrecorded,
             "streams": streams,
         }
 
@@ -249,19 +224,6 @@ class Recorder:
         self._last_checkpoint = time.monotonic()
 
     # -- processing -------------------------------------------------------------------------
-
-    def _detector_config(self, rate: int) -> DetectorConfig:
-        r = self.cfg.recorder
-        return DetectorConfig(
-            rate=rate,
-            threshold_db=r.threshold_db,
-            min_level_dbfs=r.min_level_dbfs,
-            start_debounce_ms=r.start_debounce_ms,
-            stop_delay_s=r.stop_delay_s,
-            pre_roll_s=r.pre_roll_s,
-            min_call_s=r.min_call_s,
-            max_segment_s=r.max_segment_s,
-        )
 
     def step(self) -> int:
         """Process what the journals hold now; return the number of records handled."""
@@ -364,8 +326,7 @@ class Recorder:
             return
         stream.rate = rec.rate
         ids = stream.section.line_ids(rec.channels, single_stream=len(self.streams) == 1)
-        det_cfg = self._detector_config(rec.rate)
-        stream.lines = [LineState(line=lid, channel=i, detector=CallDetector(det_cfg))
+        stream.lines = [LineState.new(lid, i, line_setup(self.cfg.recorder, lid, rec.rate))
                         for i, lid in enumerate(ids)]
 
     def _handle_gap(self, stream: StreamState, at: int, frames: int, reason: str) -> None:
@@ -382,44 +343,110 @@ class Recorder:
                 zeros = np.zeros(frames, dtype=np.int16)
                 self._process_line(stream, line, at, zeros, None)
             return
-        det_cfg = self._detector_config(stream.rate)
         for line in stream.lines:
             if line.call is not None and line.spool is not None:
                 line.call.gaps.append(note)
-                self._pending.append(PendingSeal(line, line.call, line.spool,
-                                                 line.spool.frames, last=True))
-                line.call, line.spool = None, None
-            line.detector = CallDetector(det_cfg)
+                self._close_call(line, line.call.part_start_frame + line.spool.frames)
+            line.detector = CallDetector(line.setup.detector)
 
     def _process_line(self, stream: StreamState, line: LineState, start: int,
                       block: np.ndarray, seq: int | None) -> None:
-        events = line.detector.process(start, block)
+        """Analysis first (DTMF, tones, caller ID, masks), then call detection on the same block,
+        cut at the frames where a tone ends a call, and the masked audio into the spool."""
+        end = start + len(block)
+        line.poll_pause_requests(self.cfg.state_dir, stream.anchor, stream.rate, start, end)
+        opened = line.call  # events of this block go to it; a call started here took its own
+        an = line.analyzer.process(start, block, in_call=opened is not None)
+        if line.call is not None and line.spool is not None:
+            for sp in an.backfill:
+                a = max(sp.start, line.call.part_start_frame)
+                if a < sp.end:
+                    line.spool.overwrite(a - line.call.part_start_frame,
+                                         line.analyzer.fill(a, sp.end, sp.level_dbfs))
+        masked = line.analyzer.mask(block, start)
+        a = start
+        for frame, action, tone_start in [*an.controls, (end, "", 0)]:
+            frame = min(max(frame, a), end)
+            if frame > a:
+                self._detect(stream, line, a, block[a - start:frame - start],
+                             masked[a - start:frame - start], seq, an, opened)
+                a = frame
+            ev: DetectorEvent | None = None
+            if action == "end_call":
+                ev = line.detector.force_end(frame, tone_start)
+            elif action == "tone_over" and line.detector.in_call and \
+                    line.detector.voice_start >= tone_start - line.setup.detector.frame_len:
+                ev = line.detector.force_end(frame, tone_start)
+            if ev is not None and line.call is not None and line.spool is not None:
+                self._end_call(line, ev, frame, an, opened)
+        if line.call is not None and line.call is opened:
+            for e in an.events:
+                line.call.add(e)
+        line.health.measure(block)
+        in_call = None if line.call is None else end - line.call.call_start_frame
+        for alarm in line.health.check_alarms(in_call, stream.wall_ns(end)):
+            self._alarm(alarm.pop("kind"), line=line.line, **alarm)
+
+    def _detect(self, stream: StreamState, line: LineState, start: int, raw: np.ndarray,
+                block: np.ndarray, seq: int | None, an: Analysis, opened: OpenCall | None) -> None:
+        events = line.detector.process(start, raw)
         end = start + len(block)
         pos = start
         for ev in events:
-            if ev.kind == "call_start":
+            if ev.kind == CALL_START:
+                if not self.outbox.accepting_new_calls():
+                    self._refuse_call(stream, line, ev.frame)
+                    continue
                 self._start_call(stream, line, ev.frame, start, seq)
                 pos = max(ev.frame, start)
             elif line.call is not None and line.spool is not None:
                 if ev.frame > pos:
                     self._append(line, block[pos - start:ev.frame - start])
-                else:
-                    line.spool.truncate(max(ev.frame - line.call.part_start_frame, 0))
-                if ev.kind == "call_end":
-                    self._pending.append(PendingSeal(line, line.call, line.spool,
-                                                     line.spool.frames, last=True))
-                else:
-                    line.spool.remove()
-                line.call, line.spool = None, None
+                self._end_call(line, ev, pos, an, opened)
                 pos = end
         if line.call is not None:
             self._append(line, block[pos - start:])
+
+    def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis,
+                  opened: OpenCall | None) -> None:
+        assert line.call is not None and line.spool is not None
+        if ev.frame <= pos:
+            line.spool.truncate(max(ev.frame - line.call.part_start_frame, 0))
+        if ev.kind == "call_end":
+            if line.call is opened:
+                for e in an.events:
+                    if e["frame"] < ev.frame:
+                        line.call.add(e)
+            self._close_call(line, ev.frame)
+        else:
+            line.analyzer.end_pause(ev.frame)
+            line.spool.remove()
+            line.call, line.spool = None, None
+
+    def _close_call(self, line: LineState, end: int) -> None:
+        """The open call ends at ``end``: its last part is sealed with the record."""
+        assert line.call is not None and line.spool is not None
+        pause = line.analyzer.end_pause(end)
+        if pause is not None:
+            line.call.add(pause)
+        self._pending.append(PendingSeal(line, line.call, line.spool, line.spool.frames,
+                                         last=True, events=line.call.events))
+        line.call, line.spool = None, None
 
     def _new_spool(self, line: str) -> Spool:
         self.spool_gen += 1
         spool = Spool(self.spool_dir, line, self.spool_gen)
         spool.truncate(0)
         return spool
+
+    def _refuse_call(self, stream: StreamState, line: LineState, first: int) -> None:
+        """Disk-full policy 'stop-new-calls': the call is not recorded, and never silently."""
+        note = {"reason": "call not recorded: outbox full (stop-new-calls)", "line": line.line,
+                "at_frame": first, "stream": stream.section.name}
+        log.error("line %s: call at frame %d NOT recorded: the outbox is full", line.line, first)
+        self._alarm("call-not-recorded", line=line.line, at_frame=first)
+        # Announced in the next sealed manifest (kept in the checkpoint until then).
+        self.unrecorded.append(note)
 
     def _start_call(self, stream: StreamState, line: LineState, first: int, block_start: int,
                     seq: int | None) -> None:
@@ -431,7 +458,14 @@ class Recorder:
         line.call = OpenCall(call_id=f"{line.line}-{stamp}-{digest}", call_start_frame=first,
                              part=0, part_start_frame=first)
         line.spool = self._new_spool(line.line)
-        line.spool.append(history)
+        line.spool.append(line.analyzer.mask(history, first))
+        window = round(INBOUND_WINDOW_S * stream.rate)
+        for e in line.analyzer.recent:
+            early_ok = e["kind"] in ("callerid", "tone") and e["frame"] >= first - window
+            if e["frame"] >= first or early_ok:
+                line.call.add(e)
+        if line.analyzer.paused_since is not None and line.analyzer.paused_since < first:
+            line.analyzer.paused_since = first
         self.calls_started += 1
 
     def _history(self, stream: StreamState, channel: int, first: int, block_start: int,
@@ -456,14 +490,18 @@ class Recorder:
     def _append(self, line: LineState, samples: np.ndarray) -> None:
         assert line.call is not None and line.spool is not None
         line.spool.append(samples)
-        part_frames = int(self.cfg.recorder.max_segment_s * self._rate_of(line))
-        hold = int((self.cfg.recorder.stop_delay_s + 1.0) * self._rate_of(line))
+        part_frames = int(line.setup.max_segment_s * self._rate_of(line))
+        hold = int((line.setup.stop_delay_s + 1.0) * self._rate_of(line))
         while line.spool.frames >= part_frames + hold:
             # Cut a full part; the rest moves to a fresh spool (a call end can still trim it).
             old, call = line.spool, line.call
             rest = old.read(part_frames)
-            self._pending.append(PendingSeal(line, OpenCall(**call.to_state()), old,
-                                             part_frames, last=False))
+            before = call.split(call.part_start_frame + part_frames)
+            if line.analyzer.paused_since is not None:  # a pause window still open
+                before.append({"kind": "pause", "frame": line.analyzer.paused_since, "end": None,
+                               "by": line.analyzer.paused_by})
+            self._pending.append(PendingSeal(line, call.copy(), old, part_frames, last=False,
+                                             events=before))
             call.part += 1
             call.part_start_frame += part_frames
             call.gaps = []
@@ -511,6 +549,10 @@ class Recorder:
         pending, self._pending = self._pending, []
         prepared: list[int] = []
         next_key = self._rotation_candidate()
+        # Segments the outbox had to drop, and calls it made us skip, are announced in the
+        # first manifest sealed from now on: central sees every loss in the chain.
+        announce = self.outbox.pending_losses() + list(self.unrecorded)
+        announced: list[dict[str, Any]] = []
         for p in pending:
             stream = self._stream_of(p.line)
             if p.frames <= 0:
@@ -518,11 +560,17 @@ class Recorder:
                 continue
             pcm = p.spool.read(0, p.frames)
             start = p.call.part_start_frame
+            sensitive, notes = part_meta(p.call, p.events, start, p.frames, stream.rate,
+                                         last=p.last)
+            sensitive, gaps = avoid_leaks(sensitive, list(p.call.gaps), notes)
+            if announce:
+                gaps, announced, announce = gaps + announce, announce, []
+                self.unrecorded = []
             seg = seal_segment(
                 SegmentInput(line=p.line.line, call_id=p.call.call_id, part=p.call.part,
                              last_part=p.last, start_frame=start,
                              start_wall_ns=stream.wall_ns(start), rate=stream.rate, pcm=pcm,
-                             sensitive={}, gaps=list(p.call.gaps)),
+                             sensitive=sensitive, gaps=gaps),
                 device_id=self.cfg.device.id, seq=self.next_seq,
                 prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=self.key,
                 codec=self.cfg.seal.codec, opus_bitrate=self.cfg.seal.opus_bitrate,
@@ -545,6 +593,9 @@ class Recorder:
         # Phase 3: publish them, then drop the spools they came from.
         for seq in prepared:
             self.outbox.commit(seq)
+        lost = [g["lost_seq"][1] for g in announced if "lost_seq" in g] if prepared else []
+        if lost:
+            self.outbox.clear_losses(max(lost))
         for p in pending:
             p.spool.remove()
         self._finish_rotation()
@@ -559,7 +610,9 @@ class Recorder:
                 "in_call": ln.call is not None,
                 "call_id": ln.call.call_id if ln.call else None,
                 "level_db": round(ln.detector.level_db, 1),
-                "noise_floor_db": round(ln.detector.noise_floor_db, 1),
+                "paused": ln.analyzer.paused_since is not None,
+                "masking": ln.setup.analyzer.masking,
+                **ln.health.report(ln.detector.noise_floor_db),
             }
             for s in self.streams
             for ln in s.lines

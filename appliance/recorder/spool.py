@@ -38,6 +38,15 @@ class Spool:
             os.pwrite(self._fd, data, self.frames * BYTES_PER_FRAME)
             self.frames += len(data) // BYTES_PER_FRAME
 
+    def overwrite(self, start: int, pcm: np.ndarray) -> None:
+        """Replace frames from ``start`` in place (PCI masking of audio already spooled); frames
+        past the end are not added."""
+        n = max(0, min(pcm.shape[0], self.frames - start))
+        if start < 0 or n == 0:
+            return
+        data = np.ascontiguousarray(pcm[:n], dtype="<i2").tobytes()
+        os.pwrite(self._fd, data, start * BYTES_PER_FRAME)
+
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.frames if stop is None else min(stop, self.frames)
         if stop <= start:

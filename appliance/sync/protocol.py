@@ -146,3 +146,91 @@ class Status:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FormatError(f"status message is missing or has a bad field: {err}") from err
+
+
+# -- chunking (MQTT v5 user properties on rec/v1/<dev>/seg/<seq>) --------------------------------
+
+CHUNK_PROP = "chunk"  # "<index>/<count>", index 0-based
+CHUNK_SHA_PROP = "seg-sha256"  # SHA-256 of the whole wire blob (all chunks joined)
+CHUNK_SIZE_PROP = "seg-bytes"  # length of the whole wire blob
+MAX_CHUNKS = 4096
+MAX_SEGMENT_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where one MQTT message sits in a chunked segment (see docs/protocol.md, "Chunking")."""
+
+    index: int
+    count: int
+    blob_sha256: str
+    blob_bytes: int
+
+    def user_properties(self) -> list[tuple[str, str]]:
+        return [(CHUNK_PROP, f"{self.index}/{self.count}"), (CHUNK_SHA_PROP, self.blob_sha256),
+                (CHUNK_SIZE_PROP, str(self.blob_bytes))]
+
+    @classmethod
+    def from_user_properties(cls, props: list[tuple[str, str]] | None) -> ChunkInfo | None:
+        """The chunk description, None for an unchunked segment, FormatError when malformed."""
+        values = dict(props or [])
+        if CHUNK_PROP not in values:
+            return None
+        index_text, _, count_text = values[CHUNK_PROP].partition("/")
+        sha, size_text = values.get(CHUNK_SHA_PROP, ""), values.get(CHUNK_SIZE_PROP, "")
+        if not (index_text.isdigit() and count_text.isdigit()):
+            raise FormatError(f"user property {CHUNK_PROP}={values[CHUNK_PROP]!r} is not "
+                              f"'<index>/<count>'")
+        index, count = int(index_text), int(count_text)
+        if not 1 <= count <= MAX_CHUNKS or index >= count:
+            raise FormatError(f"chunk {index}/{count} is out of range "
+                              f"(0 <= index < count <= {MAX_CHUNKS})")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise FormatError(f"user property {CHUNK_SHA_PROP} must be 64 lowercase hex digits")
+        if not size_text.isdigit() or not 0 < int(size_text) <= MAX_SEGMENT_BYTES:
+            raise FormatError(f"user property {CHUNK_SIZE_PROP}={size_text!r} must be an integer "
+                              f"1..{MAX_SEGMENT_BYTES}")
+        return cls(index=index, count=count, blob_sha256=sha, blob_bytes=int(size_text))
+
+
+def chunk_bounds(total: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of the chunks of a ``total``-byte blob (one if it fits)."""
+    if total <= chunk_bytes:
+        return [(0, total)]
+    return [(start, min(total, start + chunk_bytes)) for start in range(0, total, chunk_bytes)]
+
+
+# -- events and the HTTPS transport -------------------------------------------------------------
+
+HTTPS_PATH_RE = re.compile(r"^/v1/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})/seg/(\d{1,12})$")
+
+
+def https_segment_path(dev: str, seq: int) -> str:
+    return f"/v1/{dev}/seg/{seq}"
+
+
+@dataclass(frozen=True)
+class LossEvent:
+    """``rec/v1/<dev>/event``: segments the box dropped (disk-full policy) before sending."""
+
+    first_seq: int
+    last_seq: int
+    reason: str
+    ts: float
+    kind: Literal["segments-lost"] = "segments-lost"
+    v: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LossEvent:
+        obj = _load_object(payload, "event")
+        try:
+            first, last = int(obj["first_seq"]), int(obj["last_seq"])
+            reason, ts = str(obj["reason"]), float(obj["ts"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise FormatError(f"event message is missing or has a bad field: {err}") from err
+        if obj.get("kind") != "segments-lost" or not 0 <= first <= last:
+            raise FormatError("event must be kind 'segments-lost' with 0 <= first_seq <= last_seq")
+        return cls(first_seq=first, last_seq=last, reason=reason, ts=ts)

@@ -7,10 +7,14 @@ Central is idempotent (a repeat is acknowledged ``duplicate``), so a repeat cost
 Per connection: MQTT v5 over mutual TLS, client id = device id, a persistent session
 (clean start off, session expiry one day) so acks queued while the box was away are delivered,
 a retained last will ``Status(offline)``, a retained ``Status(online)`` with a session counter
-kept in the outbox folder, a QoS 1 subscription to ``rec/v1/<dev>/ack``. Segments go out oldest
-first on ``rec/v1/<dev>/seg/<seq>`` at QoS 1, at most ``window`` waiting for their ack; one not
-acknowledged within ``ack_timeout_s`` is sent again (the wait doubles per attempt, capped at
-8 x ``ack_timeout_s``).
+kept in the outbox folder, a QoS 1 subscription to ``rec/v1/<dev>/ack``. Segments go out in the
+configured order (oldest first by default) on ``rec/v1/<dev>/seg/<seq>`` at QoS 1, at most
+``window`` waiting for their ack; one not acknowledged within ``ack_timeout_s`` is sent again
+(the wait doubles per attempt, capped at 8 x ``ack_timeout_s``). A segment larger than
+``chunk_bytes`` goes as several messages on the same topic with MQTT v5 user properties
+(``chunk``, ``seg-sha256``, ``seg-bytes``); central acks the whole segment once stored. Every
+message waits for the token bucket (``max_kbps``). Segments dropped by the disk-full policy are
+announced on ``rec/v1/<dev>/event`` once per connection until a manifest has carried them.
 
 Threads: paho's network thread only parses and queues; the thread calling :meth:`Uplink.run`
 does all file work (fsyncs included). A watchdog observer wakes it when the recorder commits a
@@ -20,11 +24,11 @@ segment; a rescan every ``rescan_s`` is the safety net. Nothing polls in a tight
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
-import os
+import math
 import queue
-import secrets
 import ssl
 import threading
 import time
@@ -37,21 +41,29 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from appliance import __version__
-from appliance.durable import atomic_write_json, write_status
+from appliance.durable import atomic_write_json
 from appliance.errors import ConfigError, FormatError
-from appliance.sync.outbox import SEG_RE, Outbox
+from appliance.sync.outbox import Outbox
 from appliance.sync.protocol import (
-    DEVICE_ID_RE,
     MAX_CONTROL_MESSAGE,
     Ack,
+    ChunkInfo,
+    LossEvent,
     Status,
     ack_topic,
+    chunk_bounds,
+    event_topic,
     segment_topic,
     status_topic,
+)
+from appliance.sync.uplink_base import (
+    DEFAULT_CHUNK_BYTES,
+    STATUS_INTERVAL_S,
+    UplinkBase,
+    UploadOrder,
+    boot_id,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +72,7 @@ SESSION_FILE = "session.json"
 SESSION_EXPIRY_S = 86400
 DISCONNECT_WITH_WILL = 4  # MQTT v5 reason code: "disconnect, but publish the will"
 MAX_ACK_BACKOFF = 8
-STATUS_INTERVAL_S = 1.0
+
 
 
 class Link(enum.StrEnum):
@@ -73,69 +85,48 @@ class Link(enum.StrEnum):
 @dataclass
 class _InFlight:
     sha256: str
-    sent_at: float
+    sent_at: float  # when its last message was handed to paho; inf while still being sent
     attempts: int
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
+@dataclass
+class _Partial:
+    """A segment whose messages are being handed to paho, one chunk per bucket allowance."""
+
+    seq: int
+    blob: bytes
+    sha256: str
+    bounds: list[tuple[int, int]]
+    blob_sha256: str
+    retransmit: bool
+    next_index: int = 0
 
 
-class _OutboxWatcher(FileSystemEventHandler):
-    """Wakes the uplink when a committed segment appears (or disappears) in the outbox."""
-
-    def __init__(self, on_change: threading.Event, dirty: threading.Event) -> None:
-        self._wake = on_change
-        self._dirty = dirty
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        for raw in (event.src_path, event.dest_path):
-            name = os.path.basename(os.fsdecode(raw)) if raw else ""
-            if SEG_RE.match(name):
-                self._dirty.set()
-                self._wake.set()
-                return
-
-
-class Uplink:
+class Uplink(UplinkBase):
     """Store-and-forward of the outbox over MQTT. Call :meth:`run` in its own thread or process."""
 
     def __init__(self, *, device_id: str, outbox: Outbox, host: str, port: int, ca: Path,
                  cert: Path, key: Path, status_path: Path | None = None, window: int = 8,
                  ack_timeout_s: float = 10.0, keepalive_s: int = 30,
                  reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
-                 rescan_s: float = 5.0) -> None:
-        if not DEVICE_ID_RE.match(device_id):
-            raise ConfigError(f"device_id {device_id!r} is invalid "
-                              f"(letters, digits, '_.-', max 63, starting alphanumeric)")
-        for name, value, low in (("window", window, 1), ("ack_timeout_s", ack_timeout_s, 0.01),
-                                 ("keepalive_s", keepalive_s, 5),
-                                 ("reconnect_min_s", reconnect_min_s, 0.01),
-                                 ("rescan_s", rescan_s, 0.1)):
+                 rescan_s: float = 5.0, max_kbps: float = 0, order: UploadOrder = "oldest",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        super().__init__(device_id=device_id, outbox=outbox, status_path=status_path,
+                         window=window, ack_timeout_s=ack_timeout_s, rescan_s=rescan_s,
+                         max_kbps=max_kbps, order=order, chunk_bytes=chunk_bytes)
+        for name, value, low in (("keepalive_s", keepalive_s, 5),
+                                 ("reconnect_min_s", reconnect_min_s, 0.01)):
             if value < low:
                 raise ConfigError(f"uplink {name} = {value!r} is out of range (>= {low})")
         if reconnect_max_s < reconnect_min_s:
             raise ConfigError(f"uplink reconnect_max_s = {reconnect_max_s!r} is out of range "
                               f"(>= reconnect_min_s = {reconnect_min_s!r})")
-        self.device_id = device_id
-        self.outbox = outbox
         self.host, self.port = host, port
-        self.status_path = status_path
-        self.window = window
-        self.ack_timeout_s = ack_timeout_s
         self.keepalive_s = keepalive_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
-        self.rescan_s = rescan_s
         self._tls = self._tls_context(ca, cert, key)
-        self._boot_id = _boot_id()
-        self._rng = secrets.SystemRandom()
+        self._boot_id = boot_id()
 
-        self._lock = threading.Lock()  # guards the fields shared with paho's thread
-        self._wake = threading.Event()
-        self._dirty = threading.Event()
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
         self._client: mqtt.Client | None = None
         self._link = Link.DISCONNECTED
@@ -145,11 +136,9 @@ class Uplink:
         self._pending_session = self._session
 
         self._inflight: dict[int, _InFlight] = {}
-        self._pending: list[int] = []
-        self._skipped: set[int] = set()
-        self._counters = {"published": 0, "retransmitted": 0, "acked": 0, "rejected": 0,
-                          "ignored_messages": 0, "ack_mismatch": 0, "connects": 0, "connect_failures": 0}
-        self._last_ack_ts: float | None = None
+        self._partial: _Partial | None = None
+        self._throttled = False
+        self._announced: set[tuple[int, int]] = set()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -300,8 +289,11 @@ class Uplink:
             self._link = Link.DISCONNECTED
             self._lost = False
 
-    def _backoff(self, delay: float) -> float:
-        return self._rng.uniform(delay / 2, delay)
+    def _link_state(self) -> str:
+        return str(self._link)  # called with self._lock held
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {"session": self._session, "in_flight": len(self._inflight)}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -325,6 +317,7 @@ class Uplink:
                     self._teardown(graceful=False)
                     # Nothing is in flight on a dead link; all of it goes again on the next one.
                     self._inflight.clear()
+                    self._partial = None
                     next_connect = now + self._backoff(delay)
                     delay = min(delay * 2, self.reconnect_max_s)
                 elif self._client is None and now >= next_connect:
@@ -337,15 +330,19 @@ class Uplink:
                     seen_gen = gen
                     delay = self.reconnect_min_s
                     self._inflight.clear()
+                    self._partial = None
                     self._skipped.clear()
+                    self._announced.clear()
                     self._dirty.set()
                 if self._dirty.is_set() or now >= next_rescan:
                     self._dirty.clear()
-                    self._pending = self.outbox.pending()
+                    self._rescan()
                     next_rescan = now + self.rescan_s
                 if link is Link.READY and self._client is not None and not lost:
+                    self._announce_losses(self._client)
                     self._send(self._client)
-                if self.status_path is not None and now >= next_status:
+                if now >= next_status:
+                    self._housekeeping()
                     self._write_status()
                     next_status = now + STATUS_INTERVAL_S
                 self._wake.wait(self._sleep_time(next_connect, next_rescan, next_status,
@@ -356,38 +353,46 @@ class Uplink:
             if observer is not None:
                 observer.stop()
                 observer.join()
-            if self.status_path is not None:
-                self._write_status()
-
-    def _start_watcher(self) -> Any:
-        observer = Observer()
-        observer.schedule(_OutboxWatcher(self._wake, self._dirty), str(self.outbox.path),
-                          recursive=False)
-        try:
-            observer.start()
-        except OSError as err:
-            log.warning("uplink: cannot watch %s (%s); relying on the %.0f s rescan",
-                        self.outbox.path, err, self.rescan_s)
-            return None
-        return observer
+            self._write_status()
 
     def _sleep_time(self, next_connect: float, next_rescan: float, next_status: float, *,
                     sending: bool) -> float:
         now = time.monotonic()
-        deadlines = [next_rescan]
-        if self.status_path is not None:
-            deadlines.append(next_status)
+        deadlines = [next_rescan, next_status]
         if self._client is None:
             deadlines.append(next_connect)
         if sending:
-            deadlines += [f.sent_at + self._ack_wait(f) for f in self._inflight.values()]
-        return max(0.01, float(min(deadlines)) - now)
+            deadlines += [f.sent_at + self._ack_wait(f) for f in self._inflight.values()
+                          if math.isfinite(f.sent_at)]
+            if self._throttled:
+                deadlines.append(now + self.bucket.wait_time())
+        return max(0.005, float(min(deadlines)) - now)
 
     def _ack_wait(self, flight: _InFlight) -> float:
         factor: int = min(1 << max(0, flight.attempts - 1), MAX_ACK_BACKOFF)
         return self.ack_timeout_s * factor
 
+    def _announce_losses(self, client: mqtt.Client) -> None:
+        """Publish each pending loss once per connection on the event topic (QoS 1)."""
+        try:
+            losses = self.outbox.pending_losses()
+        except (OSError, FormatError) as err:
+            log.error("uplink: cannot read the outbox's losses: %s", err)
+            return
+        for loss in losses:
+            first, last = loss["lost_seq"]
+            if (first, last) in self._announced:
+                continue
+            event = LossEvent(first_seq=first, last_seq=last, reason=loss["reason"],
+                              ts=time.time())
+            info = client.publish(event_topic(self.device_id), event.encode(), qos=1)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._announced.add((first, last))
+
     def _send(self, client: mqtt.Client) -> None:
+        self._throttled = False
+        if self._partial is not None and not self._continue(client):
+            return
         now = time.monotonic()
         for seq, flight in sorted(self._inflight.items()):
             if now - flight.sent_at >= self._ack_wait(flight):
@@ -404,33 +409,66 @@ class Uplink:
                 return
 
     def _publish(self, client: mqtt.Client, seq: int, *, retransmit: bool) -> bool:
-        """Publish one segment; False when the link cannot take more right now."""
+        """Start sending one segment; False when the link cannot take more right now."""
         try:
             sha = self.outbox.sha256_of(seq)
             blob = self.outbox.read(seq)
         except (OSError, FormatError) as err:
-            # Gone (acknowledged or rejected meanwhile) or unusable: never deleted from here.
+            # Gone (acknowledged, rejected or dropped meanwhile) or unusable: never deleted here.
             self._inflight.pop(seq, None)
             if self.outbox.seg_path(seq).exists():
                 self._skipped.add(seq)
                 log.error("uplink: segment %d cannot be sent and stays in the outbox: %s",
                           seq, err)
             return True
-        try:
-            info = client.publish(segment_topic(self.device_id, seq), blob, qos=1)
-        except ValueError as err:
-            self._skipped.add(seq)
-            log.error("uplink: segment %d of %d bytes cannot be published and stays in the "
-                      "outbox: %s", seq, len(blob), err)
-            return True
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            log.info("uplink: publish of segment %d failed (%s); waiting for the link",
-                     seq, mqtt.error_string(info.rc))
-            return False
+        bounds = chunk_bounds(len(blob), self.chunk_bytes)
+        blob_sha = hashlib.sha256(blob).hexdigest() if len(bounds) > 1 else ""
         attempts = self._inflight[seq].attempts + 1 if seq in self._inflight else 1
-        self._inflight[seq] = _InFlight(sha256=sha, sent_at=time.monotonic(), attempts=attempts)
+        self._inflight[seq] = _InFlight(sha256=sha, sent_at=math.inf, attempts=attempts)
+        self._partial = _Partial(seq=seq, blob=blob, sha256=sha, bounds=bounds,
+                                 blob_sha256=blob_sha, retransmit=retransmit)
+        return self._continue(client)
+
+    def _continue(self, client: mqtt.Client) -> bool:
+        """Hand the next messages of the partial segment to paho, as the bucket allows."""
+        part = self._partial
+        assert part is not None
+        count = len(part.bounds)
+        while part.next_index < count:
+            if self.bucket.wait_time() > 0:
+                self._throttled = True
+                return False
+            start, end = part.bounds[part.next_index]
+            props: Properties | None = None
+            if count > 1:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.UserProperty = ChunkInfo(
+                    index=part.next_index, count=count, blob_sha256=part.blob_sha256,
+                    blob_bytes=len(part.blob)).user_properties()
+            try:
+                info = client.publish(segment_topic(self.device_id, part.seq),
+                                      part.blob[start:end], qos=1, properties=props)
+            except ValueError as err:
+                self._skipped.add(part.seq)
+                self._inflight.pop(part.seq, None)
+                self._partial = None
+                log.error("uplink: segment %d of %d bytes cannot be published and stays in "
+                          "the outbox: %s", part.seq, len(part.blob), err)
+                return True
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.info("uplink: publish of segment %d failed (%s); waiting for the link",
+                         part.seq, mqtt.error_string(info.rc))
+                return False
+            self.bucket.take(end - start)
+            with self._lock:
+                self._counters["bytes_sent"] += end - start
+            part.next_index += 1
+        flight = self._inflight.get(part.seq)
+        if flight is not None:
+            flight.sent_at = time.monotonic()
         with self._lock:
-            self._counters["retransmitted" if retransmit else "published"] += 1
+            self._counters["retransmitted" if part.retransmit else "published"] += 1
+        self._partial = None
         return True
 
     def _process_acks(self) -> None:
@@ -439,62 +477,5 @@ class Uplink:
                 ack = self._acks.get_nowait()
             except queue.Empty:
                 return
-            self._apply_ack(ack)
-
-    def _apply_ack(self, ack: Ack) -> None:
-        seq = ack.seq
-        try:
-            held = self.outbox.sha256_of(seq) if self.outbox.seg_path(seq).exists() else None
-        except (OSError, FormatError):
-            held = None
-        if held is None:
-            self._inflight.pop(seq, None)
-            log.debug("uplink: %s ack for segment %d which is no longer pending", ack.result, seq)
-            return
-        if held != ack.sha256:
-            with self._lock:
-                self._counters["ack_mismatch"] += 1
-            log.warning("uplink: %s ack for segment %d names sha256 %s but the outbox holds %s; "
-                        "kept", ack.result, seq, ack.sha256[:16], held[:16])
-            return
-        if ack.result == "rejected":
-            self.outbox.reject(seq, ack.reason)
-            self._inflight.pop(seq, None)
-            self._dirty.set()
-            with self._lock:
-                self._counters["rejected"] += 1
-            log.error("uplink: central rejected segment %d (%s); moved to %s",
-                      seq, ack.reason or "no reason given", self.outbox.rejected_dir)
-            return
-        if self.outbox.acknowledge(seq, ack.sha256):
-            self._inflight.pop(seq, None)
-            self._dirty.set()
-            with self._lock:
-                self._counters["acked"] += 1
-                self._last_ack_ts = time.time()
-
-    # -- status ------------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        """Link state, backlog and counters (also written to ``status_path`` every second)."""
-        backlog = self.outbox.backlog()
-        with self._lock:
-            out: dict[str, Any] = {
-                "device_id": self.device_id,
-                "link": str(self._link),
-                "session": self._session,
-                "backlog": {"segments": backlog.segments, "bytes": backlog.bytes,
-                            "oldest_age_s": round(backlog.oldest_age_s, 3)},
-                "in_flight": len(self._inflight),
-                "last_ack_ts": self._last_ack_ts,
-                "ts": time.time(),
-            }
-            out.update(self._counters)
-        return out
-
-    def _write_status(self) -> None:
-        assert self.status_path is not None
-        try:
-            write_status(self.status_path, self.stats())
-        except OSError as err:
-            log.warning("uplink: cannot write status %s: %s", self.status_path, err.strerror)
+            if self._apply_ack(ack):
+                self._inflight.pop(ack.seq, None)

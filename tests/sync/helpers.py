@@ -156,3 +156,39 @@ class FakeCentral:
 
     def close(self) -> None:
         self.client.close()
+
+
+def seal_chain(device_id: str, key: Any, recipients: list[str], count: int, *, seed: int,
+               max_frames: int = 6000) -> list[bytes]:
+    """``count`` real sealed segments (wire form) of one device, chained, seqs 0..count-1.
+
+    Noise PCM of random length (80..max_frames frames at 8 kHz), so FLAC cannot shrink it
+    much: sizes range from under 1 KB to ~10 KB, enough to exercise chunking at 4 KiB.
+    """
+    import numpy as np
+
+    from appliance.seal import SegmentInput, encode_wire, seal_segment
+
+    rng = np.random.default_rng(seed)
+    prev: str | None = None
+    out = []
+    for seq in range(count):
+        frames = int(rng.integers(80, max_frames))
+        pcm = rng.normal(0, 2000, frames).clip(-32768, 32767).astype(np.int16)
+        inp = SegmentInput(line="line-1", call_id=f"call-{seq // 4}", part=seq % 4,
+                           last_part=seq % 4 == 3, start_frame=seq * 10_000,
+                           start_wall_ns=1_700_000_000_000_000_000 + seq * 10**9, rate=8000,
+                           pcm=pcm, sensitive={}, gaps=[])
+        seg = seal_segment(inp, device_id=device_id, seq=seq, prev_manifest_sha256=prev,
+                           recipients=recipients, key=key, codec="flac")
+        prev = seg.manifest_sha256
+        out.append(encode_wire(seg))
+    return out
+
+
+def add_wire_segment(outbox: Outbox, wire: bytes) -> None:
+    from appliance.seal import decode_wire
+
+    seg = decode_wire(wire)
+    outbox.prepare(seg.seq, wire, seg.payload_sha256)
+    outbox.commit(seg.seq)

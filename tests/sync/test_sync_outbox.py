@@ -210,3 +210,51 @@ def test_stray_sidecars_of_acknowledged_numbers_are_removed(outbox: Outbox) -> N
     assert outbox.remove_stray_sidecars() == [1]
     assert (outbox.path / "seg-000000000003.sha256").exists()
     assert outbox.sha256_of(4) == sha(b"four")
+
+
+def test_drop_oldest_records_the_loss_before_deleting(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "ob", max_bytes=10_000, policy="drop-oldest", reserve_bytes=0)
+    for seq in range(4):
+        box.prepare(seq, b"x" * 3000, sha(b"x" * 3000))
+        box.commit(seq)
+    # 12 000 bytes would not fit: the oldest unsent segments go, and the loss is recorded.
+    assert box.pending() == [1, 2, 3]
+    box.prepare(4, b"y" * 3000, sha(b"y" * 3000))
+    box.commit(4)
+    assert box.pending() == [2, 3, 4]
+    losses = box.pending_losses()
+    assert losses == [{"lost_seq": [0, 1], "reason": losses[0]["reason"]}]
+    assert "drop-oldest" in losses[0]["reason"]
+    assert {a["alarm"] for a in box.alarms()} >= {"segments-dropped", "outbox-quota"}
+    # A dropped number is never reused, even once everything else is acknowledged.
+    for seq in (2, 3, 4):
+        assert box.acknowledge(seq, box.sha256_of(seq))
+    again = Outbox(tmp_path / "ob", max_bytes=10_000, policy="drop-oldest", reserve_bytes=0)
+    assert again.highest_seq() == 4
+    box.clear_losses(0)
+    assert box.pending_losses() == losses  # [0, 1] ends above 0: kept
+    box.clear_losses(1)
+    assert box.pending_losses() == []
+    assert "segments-dropped" not in {a["alarm"] for a in box.alarms()}
+
+
+def test_stop_new_calls_never_deletes_and_says_so(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "ob", max_bytes=10_000, policy="stop-new-calls", reserve_bytes=0)
+    assert box.accepting_new_calls()
+    for seq in range(4):
+        box.prepare(seq, b"x" * 3000, sha(b"x" * 3000))
+        box.commit(seq)
+    assert box.pending() == [0, 1, 2, 3]  # calls in progress finish; nothing is dropped
+    assert not box.accepting_new_calls()
+    assert box.pending_losses() == []
+    assert {a["alarm"] for a in box.alarms()} == {"outbox-quota", "new-calls-stopped"}
+    for seq in range(3):
+        box.acknowledge(seq, box.sha256_of(seq))
+    assert box.accepting_new_calls() and box.alarms() == []
+
+
+def test_quota_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="disk-full policy"):
+        Outbox(tmp_path / "ob", policy="panic")  # type: ignore[arg-type]
+    with pytest.raises(FormatError, match="quota"):
+        Outbox(tmp_path / "ob", max_bytes=0)
