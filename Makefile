@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONDEVMODE := 1
 
-.PHONY: setup demo test test-long lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -13,10 +13,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
-
-# Long soaks, not part of `make test`.
-test-long: setup
-	RECORDER_LONG_TESTS=1 $(PY) -m pytest -q -m long
 
 lint: setup
 	$(VENV)/bin/ruff check appliance central tests bench
