@@ -35,6 +35,17 @@ PARAM_NAMES = {0x01: "datetime", 0x02: "number", 0x04: "number_absent", 0x07: "n
                0x08: "name_absent", 0x03: "dialled"}
 MAX_BURST_S = 4.0
 MIN_BURST_S = 0.1
+GATE_HOP_S = 0.01
+GATE_BAND_HZ = (900.0, 2400.0)
+"""The pre-check's band: around both standards' mark and space (1200/2200, 1300/2100 Hz)."""
+GATE_BAND_SHARE = 0.6
+"""A hop is looked at when this share of its power is in the band (a burst holds >= 0.89 in
+10 ms hops; speech and line noise rarely hold 0.6)..."""
+GATE_MIN_POWER = 1e-5
+"""...and its power is above -50 dBFS: 20 dB below the quietest burst to decode (-30 dBFS), and
+above idle line noise."""
+GATE_MARGIN_HOPS = 2
+"""Hops looked at on each side of a hop that passed (the finder's window is 44 samples)."""
 STATE_VERSION = 1
 _TWO_PI = 2.0 * np.pi
 
@@ -113,11 +124,12 @@ def _lowpass_taps(rate: int) -> FloatArray:
     return out
 
 
-def _baseband(x: FloatArray, rate: int) -> tuple[np.ndarray, FloatArray]:
+def _baseband(x: FloatArray, rate: int, first: int = 0) -> tuple[np.ndarray, FloatArray]:
     """Low-passed complex baseband (``len(x) - taps + 1`` values) and its quality: the share of
-    the signal's power that the baseband holds (about 1.0 for a clean FSK burst)."""
+    the signal's power that the baseband holds (about 1.0 for a clean FSK burst). ``first`` is
+    the sample index of ``x[0]`` that the mixer's phase counts from."""
     h = _lowpass_taps(rate)
-    n = np.arange(x.size)
+    n = np.arange(first, first + x.size)
     mixed = x * np.exp(-1j * _TWO_PI * CENTER_HZ * n / rate)
     bb = np.convolve(mixed, h, mode="valid")
     power = np.convolve(x * x, np.full(h.size, 1.0 / h.size), mode="valid")
@@ -229,10 +241,7 @@ class FskCallerIdReceiver:
         min_len = round(MIN_BURST_S * self.rate)
         keep_from = max(0, buf.size - 4 * length)  # filter history for the next block
         if x.size > length:
-            _, quality = _baseband(x, self.rate)
-            quality = _boxcar(quality, 2 * round(self.rate / BAUD))
-            level = np.convolve(x * x, np.full(length, 1.0 / length), mode="valid")
-            good = (quality > 0.75) & (level[: quality.size] > 1e-6)
+            good = self._good(x, origin, length)
             edges = np.flatnonzero(np.diff(np.concatenate(([0], good.astype(np.int8), [0]))))
             for a, b in edges.reshape(-1, 2).tolist():
                 if b >= good.size:  # still going at the end of the block
@@ -246,6 +255,48 @@ class FskCallerIdReceiver:
         self._buf = buf[keep_from:].copy()
         self._origin = origin + keep_from
         return out
+
+    def _good(self, x: FloatArray, origin: int, length: int) -> np.ndarray:
+        """Where a burst may be: the boxcar'd baseband quality above 0.75 and the level above
+        -60 dBFS. ``good[i]`` looks at ``x[i : i + length + 2 * spb - 1]``; it is computed only
+        around the hops that pass :meth:`_gate`, and is False elsewhere."""
+        q_len = 2 * round(self.rate / BAUD)
+        good = np.zeros(max(0, x.size - length - q_len + 2), dtype=bool)
+        for s, e in self._gate(x, origin):
+            seg = x[s:e]
+            if seg.size <= length + q_len - 2:
+                continue
+            _, quality = _baseband(seg, self.rate, s)
+            quality = _boxcar(quality, q_len)
+            level = np.convolve(seg * seg, np.full(length, 1.0 / length), mode="valid")
+            good[s : s + quality.size] = (quality > 0.75) & (level[: quality.size] > 1e-6)
+        return good
+
+    def _gate(self, x: FloatArray, origin: int) -> list[tuple[int, int]]:
+        """The stretches ``[s, e)`` of ``x`` that may hold FSK: hops (on the line's frame grid,
+        ``x[0]`` being frame ``origin``) with enough of their power in the FSK band, widened by
+        :data:`GATE_MARGIN_HOPS` on each side. The partial hops at both ends always count."""
+        hop = round(GATE_HOP_S * self.rate)
+        first = -origin % hop
+        whole = max(0, (x.size - first) // hop)
+        tail = first + whole * hop
+        passed = np.ones(whole + 2, dtype=bool)  # [head partial, whole hops..., tail partial]
+        passed[0], passed[-1] = first > 0, tail < x.size
+        if whole:
+            frames = x[first:tail].reshape(whole, hop)
+            spec = np.fft.rfft(frames, axis=1)
+            lo, hi = (round(f * hop / self.rate) for f in GATE_BAND_HZ)
+            band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
+                                axis=1) / hop
+            energy = np.einsum("ij,ij->i", frames, frames)
+            passed[1:-1] = (energy > GATE_MIN_POWER * hop) & (band >= GATE_BAND_SHARE * energy)
+        near = passed.copy()
+        for d in range(1, GATE_MARGIN_HOPS + 1):
+            near[d:] |= passed[:-d]
+            near[:-d] |= passed[d:]
+        bounds = np.concatenate(([0], first + hop * np.arange(whole + 1), [x.size]))
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], near.astype(np.int8), [0]))))
+        return [(int(bounds[a]), int(bounds[b])) for a, b in edges.reshape(-1, 2).tolist()]
 
     def to_state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "origin": self._origin, "next": self._next,

@@ -7,6 +7,8 @@ vectorised with numpy; none loops over samples in Python.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -90,3 +92,19 @@ def bin_powers(frames: FloatArray, freqs: FloatArray | list[float], rate: int) -
     im = frames @ np.sin(phase)
     out: FloatArray = 2.0 * (re * re + im * im) / float(n_samples * n_samples)
     return out
+
+
+# OpenBLAS hands a product to its worker threads once m*n*k passes about 65536 (measured with
+# numpy's bundled OpenBLAS 0.3); the workers then spin for milliseconds after each call. The
+# detectors call a product per line and block, so the spinning doubled the recorder's CPU time.
+_SINGLE_THREAD_MNK = 32768
+
+
+def matmul_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``a @ b`` for a 2-D ``a`` with many rows, computed in row chunks small enough that BLAS
+    stays on the calling thread. Each row of the result is the same as in ``a @ b``."""
+    rows = max(1, _SINGLE_THREAD_MNK // max(1, a.shape[1] * b.shape[1]))
+    if a.shape[0] <= rows:
+        out: npt.NDArray[Any] = a @ b
+        return out
+    return np.concatenate([a[i : i + rows] @ b for i in range(0, a.shape[0], rows)])

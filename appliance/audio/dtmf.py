@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.audio.dsp import FloatArray, db_to_amplitude
+from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows
 from appliance.errors import ConfigError, FormatError
 
 ROW_HZ: tuple[float, ...] = (697.0, 770.0, 852.0, 941.0)
@@ -244,7 +244,7 @@ class DtmfDetector:
 
     def _pairs(self, first_hop: int, hops: np.ndarray) -> list[DtmfEvent]:
         rate, hop = self.cfg.rate, self._hop
-        s = hops @ self._basis  # (h, F) complex partial sums, phase relative to each hop start
+        s = matmul_rows(hops, self._basis)  # (h, F) complex partial sums, phase relative to each hop start
         k = np.arange(first_hop, first_hop + hops.shape[0], dtype=np.float64)
         s *= np.exp(-1j * _TWO_PI * np.outer(k * hop, _FREQS) / rate)
         energy = np.einsum("ij,ij->i", hops, hops)

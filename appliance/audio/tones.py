@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.audio.dsp import FloatArray, db_to_amplitude
+from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows
 from appliance.errors import ConfigError, FormatError
 
 HOP_MS = 25
@@ -179,7 +179,7 @@ class ToneDetector:
         first = (base - self._origin) // self._hop  # window index of the first window here
         x = samples[: hops * self._hop].astype(np.float64) / 32768.0
         x = x.reshape(hops, self._hop)
-        s = x @ self._basis
+        s = matmul_rows(x, self._basis)
         k = np.arange(first, first + hops, dtype=np.float64) * self._hop
         s *= np.exp(-1j * _TWO_PI * np.outer(k, self._freqs) / self.cfg.rate)
         w = s[:-1] + s[1:]

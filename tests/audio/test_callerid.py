@@ -77,3 +77,20 @@ def test_dtmf_caller_id() -> None:
 def test_speech_like_noise_is_not_a_burst() -> None:
     x = np.random.default_rng(3).standard_normal(RATE * 30) * 0.05
     assert stream(np.rint(x * 32768).astype(np.int16)) == []
+
+
+@pytest.mark.parametrize("before", ["silence", "ring"])
+@pytest.mark.parametrize("cut", [0, 1, 37, 80, 3000])
+def test_burst_right_after_silence_or_ring_is_not_cut_by_the_band_gate(before: str, cut: int) -> None:
+    """The receiver only demodulates around 10 ms hops with energy in the FSK band: a -30 dBFS
+    burst that starts right after digital silence or a loud 25 Hz ring, with a block boundary at
+    or just after its first sample, still decodes, from the same frame as a whole-signal run."""
+    msg = cid.build_message("0123456789", "ACME LTD", "11280915")
+    n = np.arange(RATE)
+    lead = np.zeros(RATE) if before == "silence" else 0.5 * np.sin(2 * np.pi * 25 * n / RATE)
+    x = np.concatenate([lead, cid.fsk(msg, "bell202", level_dbfs=-30.0), np.zeros(2000)])
+    pcm = np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16)
+    whole = stream(pcm, (pcm.size,))
+    (got,) = stream(pcm, (RATE + cut, 160, 80, 4000))
+    assert whole == [got]
+    assert got.number == "0123456789" and abs(got.frame - RATE) < 40

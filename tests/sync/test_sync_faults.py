@@ -255,4 +255,4 @@ def test_mqtt_every_segment_exactly_once_through_faults(
 
 def test_https_every_segment_exactly_once_through_faults(
         tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
-    _run(tmp_path, pki, "https", 400, capsys)
+    _run(tmp_path, pki, "https", 1000, capsys)
