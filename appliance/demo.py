@@ -143,10 +143,15 @@ def render(status: dict[str, Any], elapsed: float, total: float) -> str:
     rec = status.get("recorder", {})
     up = status.get("uplink", {})
     rows = [f"appliance demo  {elapsed:5.0f}/{total:.0f} s   (Ctrl-C stops)", ""]
-    rows.append(f"{'line':<8}{'state':<10}{'level dBFS':>11}   call")
+    rows.append(f"{'line':<8}{'state':<10}{'level dBFS':>11}{'peak':>7}   call")
+    # Levels come from capture's meters (the last second), call state from the recorder.
+    meters = {m.get("line"): m for m in status.get("capture-main", {}).get("lines", [])}
     for ln in rec.get("lines", []):
         state = "IN CALL" if ln.get("in_call") else "idle"
-        rows.append(f"{ln['line']:<8}{state:<10}{ln.get('level_db', -120.0):>11.1f}   "
+        meter = meters.get(ln["line"], {})
+        level = meter.get("level_dbfs", ln.get("level_db", -120.0))
+        peak = meter.get("peak_dbfs", level)
+        rows.append(f"{ln['line']:<8}{state:<10}{level:>11.1f}{peak:>7.1f}   "
                     f"{ln.get('call_id') or ''}")
     backlog = up.get("backlog", {})
     rows += [

@@ -37,7 +37,10 @@ class FileIO:
     def pwritev(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
         """Write all of ``buffers`` at ``offset`` (retrying short writes)."""
         done = os.pwritev(fd, buffers, offset)
-        if done < sum(map(len, buffers)):
+        total = 0
+        for buf in buffers:  # a plain loop: sum(map(len, ...)) costs more per ring append
+            total += len(buf)
+        if done < total:
             rest = b"".join(buffers)[done:]
             while rest:
                 n = os.pwrite(fd, rest, offset + done)

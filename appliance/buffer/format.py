@@ -6,6 +6,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import index as _index
 
 import crc32c
 
@@ -33,8 +34,14 @@ _FILE_CRC = struct.Struct("<I")
 # then u32 header CRC (bytes 0..88) and u32 record CRC (bytes 0..92 + payload).
 _RECORD_HEADER = struct.Struct("<4sHHIIQ16sqqQQIIIHBB")
 _U32 = struct.Struct("<I")
+_RECORD_CRCS = struct.Struct("<II")  # header CRC, record CRC
 _HDR_CRC_END = 88
 _CRC_END = 92
+# The CRC32C of any bytes followed by their own CRC32C (u32 little-endian) is one constant, the
+# CRC residue 0x48674BC7. Header bytes 0..91 end with the header CRC, so the record CRC (over those
+# 92 bytes, then the payload) is the payload's CRC continued from the residue: the writer never
+# has to CRC the header twice or join it to the payload. decode_record checks it the long way.
+_RESIDUE = crc32c.crc32c(_U32.pack(crc32c.crc32c(b"")))
 
 assert _FILE_HEADER.size == 64
 assert _RECORD_HEADER.size == _HDR_CRC_END
@@ -195,10 +202,10 @@ def encode_header(  # positional: this is the append hot path
     payload: bytes, max_payload: int, /,
 ) -> bytes:
     """The 96-byte record header (with both CRCs) for these fields; FormatError if one is bad."""
-    fmt, fl, plen = int(sample_format), int(flags), len(payload)
-    bps = _BPS.get(fmt, 0)
+    # operator.index gives the plain int of an enum member for a third of what int() costs.
+    fmt, fl, plen = _index(sample_format), _index(flags), len(payload)
     if (
-        plen > max_payload or plen != frames * channels * bps or fl & ~_KNOWN_FLAGS
+        plen > max_payload or plen != frames * channels * _BPS.get(fmt, 0) or fl & ~_KNOWN_FLAGS
         or (gap_frames and not fl & 1) or len(boot_id) != 16 or channels < 1 or rate < 1
     ):
         fields = (stream_id, seq, boot_id, mono_ns, wall_ns, frame_pos, frames, channels, fmt,
@@ -213,9 +220,7 @@ def encode_header(  # positional: this is the append hot path
         fields = (stream_id, seq, boot_id, mono_ns, wall_ns, frame_pos, frames, channels, fmt,
                   rate, fl, gap_frames, plen)
         raise FormatError(field_problem(*fields, max_payload) or f"record field: {err}") from err
-    hcrc = crc32c.crc32c(head)
-    head += _U32.pack(hcrc)
-    return head + _U32.pack(crc32c.crc32c(payload, crc32c.crc32c(head[_HDR_CRC_END:], hcrc)))
+    return head + _RECORD_CRCS.pack(crc32c.crc32c(head), crc32c.crc32c(payload, _RESIDUE))
 
 
 def field_problem(

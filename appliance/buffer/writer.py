@@ -12,7 +12,6 @@ from types import TracebackType
 from appliance.buffer.fileio import FileIO
 from appliance.buffer.format import (
     FILE_HEADER_SIZE,
-    RECORD_HEADER_SIZE,
     FileHeader,
     Flags,
     RingError,
@@ -39,6 +38,11 @@ class RingWriter:
         self._fd: int | None = fd
         self._path = path
         self._geo = geo
+        # The append hot path reads these plain attributes, not the dataclass's properties.
+        self._stream_id = geo.stream_id
+        self._slot_count = geo.slot_count
+        self._slot_size = geo.slot_size
+        self._max_payload = geo.max_payload
         self._next_seq = next_seq
         self._synced_seq: int | None = next_seq - 1 if next_seq > geo.first_seq else None
         self._sync_interval = sync_interval_s
@@ -129,18 +133,21 @@ class RingWriter:
         gap_frames: int = 0, mono_ns: int | None = None, wall_ns: int | None = None,
     ) -> int:
         """Write one record into its slot and return its seq; FormatError if it does not fit."""
-        fd = self._require_open()
+        fd = self._fd
+        if fd is None:
+            raise RingError(f"{self._path}: ring writer is closed")
         seq = self._next_seq
-        geo = self._geo
         head = encode_header(
-            geo.stream_id, seq, self._boot_id,
+            self._stream_id, seq, self._boot_id,
             time.monotonic_ns() if mono_ns is None else mono_ns,
             time.time_ns() if wall_ns is None else wall_ns,
             frame_pos, frames, channels, sample_format, rate, flags, gap_frames, payload,
-            geo.slot_size - RECORD_HEADER_SIZE,
+            self._max_payload,
         )
-        offset = FILE_HEADER_SIZE + (seq % geo.slot_count) * geo.slot_size
-        self._io.pwritev(fd, [head, payload], offset)
+        # One pwritev for header and payload, at the slot's first byte (docs/ring-format.md).
+        self._io.pwritev(
+            fd, (head, payload), FILE_HEADER_SIZE + seq % self._slot_count * self._slot_size
+        )
         self._next_seq = seq + 1
         now = self._io.monotonic()
         if now - self._last_sync >= self._sync_interval:
