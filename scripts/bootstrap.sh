@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3-venv make
+  python3-venv python3-dev gcc libc6-dev make
   libasound2 libasound2-dev alsa-utils libportaudio2
   mosquitto mosquitto-clients
   age flac sox libsox-fmt-all opus-tools zstd openssl
