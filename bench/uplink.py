@@ -121,8 +121,11 @@ def uplink_rss(tmp: Path, broker: Broker, pki_dir: Path, backlog: int) -> int:
                 if st.get("link") == "ready" and st["backlog"]["segments"] == backlog:
                     break
             except (OSError, ValueError, KeyError):
-                pass
+                pass  # no status file yet, or one without a backlog figure: look again
             time.sleep(0.2)
+        else:
+            raise SystemExit(f"uplink never reported a ready link with {backlog} segments in "
+                             f"its backlog ({status}): the memory figure would be meaningless")
         time.sleep(6)  # a few rescans and status rounds with the whole backlog
         return _rss_kb(proc.pid)
     finally:

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError
+from appliance.pki import tls_context
 from appliance.sync.protocol import HTTPS_PATH_RE, MAX_SEGMENT_BYTES, segment_topic
 from central.home import Home
 from central.index import IndexDbError
@@ -38,18 +38,7 @@ RETRY_AFTER_S = 5
 
 def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     """A server TLS context that requires a client certificate signed by ``ca``."""
-    for what, path in (("ca", ca), ("cert", cert), ("key", key)):
-        if not path.is_file():
-            raise ConfigError(f"HTTPS {what} file {path} does not exist (a PEM file)")
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-        ctx.load_cert_chain(str(cert), str(key))
-    except ssl.SSLError as err:
-        raise ConfigError(f"HTTPS TLS files {cert} / {key} / {ca} do not load: "
-                          f"{err.reason or err}") from err
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    return tls_context(ssl.Purpose.CLIENT_AUTH, ca, cert, key, what="HTTPS")
 
 
 def peer_common_name(sock: ssl.SSLSocket) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.errors import ConfigError, FormatError
+from appliance.pki import tls_context
 from appliance.sync.outbox import Outbox
 from appliance.sync.protocol import MAX_CONTROL_MESSAGE, Ack, https_segment_path
 from appliance.sync.uplink_base import (
@@ -62,22 +63,8 @@ class HttpsUplink(UplinkBase):
                               f"{reconnect_max_s!r} are out of range (0.01 <= min <= max)")
         self.host, self.port = host, port
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
-        self._tls = self._tls_context(ca, cert, key)
+        self._tls = tls_context(ssl.Purpose.SERVER_AUTH, ca, cert, key, what="uplink")
         self._conn: http.client.HTTPSConnection | None = None
-
-    @staticmethod
-    def _tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-        for what, path in (("ca", ca), ("cert", cert), ("key", key)):
-            if not path.is_file():
-                raise ConfigError(f"uplink {what} file {path} does not exist (a PEM file)")
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-            ctx.load_cert_chain(str(cert), str(key))
-        except ssl.SSLError as err:
-            raise ConfigError(f"uplink TLS files {cert} / {key} / {ca} do not load: "
-                              f"{err.reason or err}") from err
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
 
     def _extra_stats(self) -> dict[str, Any]:
         return {"transport": "https", "in_flight": 0}

@@ -45,6 +45,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from appliance import __version__
 from appliance.durable import atomic_write_json
 from appliance.errors import ConfigError, FormatError
+from appliance.pki import tls_context
 from appliance.sync.outbox import Outbox
 from appliance.sync.protocol import (
     MAX_CONTROL_MESSAGE,
@@ -124,7 +125,7 @@ class Uplink(UplinkBase):
         self.host, self.port = host, port
         self.keepalive_s = keepalive_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
-        self._tls = self._tls_context(ca, cert, key)
+        self._tls = tls_context(ssl.Purpose.SERVER_AUTH, ca, cert, key, what="uplink")
         self._boot_id = boot_id()
 
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
@@ -141,20 +142,6 @@ class Uplink(UplinkBase):
         self._announced: set[tuple[int, int]] = set()
 
     # -- setup -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-        for what, path in (("ca", ca), ("cert", cert), ("key", key)):
-            if not path.is_file():
-                raise ConfigError(f"uplink {what} file {path} does not exist (a PEM file)")
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-            ctx.load_cert_chain(str(cert), str(key))
-        except ssl.SSLError as err:
-            raise ConfigError(f"uplink TLS files {cert} / {key} / {ca} do not load: "
-                              f"{err.reason or err}") from err
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
 
     def _session_path(self) -> Path:
         return self.outbox.path / SESSION_FILE

@@ -14,65 +14,30 @@ import pytest
 from appliance.audio import dtmf
 from appliance.audio.dsp import bin_powers
 from appliance.audio.simulator import LineSimulator
-from appliance.buffer import RingWriter, SampleFormat
-from appliance.config import Config, parse_config
+from appliance.config import Config
 from appliance.recorder import pci
 from appliance.recorder.service import Recorder
 from appliance.seal import (
     DeviceKey,
     SealedSegment,
     audit_chain,
-    decode_wire,
     generate_age_identity,
     open_segment_audio,
     open_segment_sensitive,
 )
-
-RATE = 8000
-PERIOD = 160
+from tests.recorder.recorder_support import (
+    DEFAULT_RECORDER,
+    RATE,
+    drain,
+    outbox_segments,
+    recorder_config,
+    write_ring,
+)
 
 
 def make_config(state: Path, recipient: str, extra: str = "") -> Config:
-    return parse_config(f"""
-[device]
-id = "pci-test"
-[paths]
-state_dir = "{state}"
-[[capture]]
-source = "simulator"
-[recorder]
-max_segment_s = 20.0
-commit_interval_s = 0.2
-{extra}
-[seal]
-recipients = ["{recipient}"]
-[uplink]
-transport = "none"
-""")
-
-
-def write_ring(cfg: Config, render: Any, lines: int, seconds: float) -> int:
-    path = cfg.ring_path("main")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = RingWriter.open(path, stream_id=1, size_bytes=64 * 2**20, sync_interval_s=0.5)
-    total = int(seconds * RATE)
-    for pos in range(0, total, PERIOD):
-        pcm = render(pos, PERIOD)
-        writer.append(pcm.tobytes(), frames=PERIOD, channels=lines, rate=RATE,
-                      sample_format=SampleFormat.S16_LE, frame_pos=pos,
-                      wall_ns=1_700_000_000_000_000_000 + pos * 125_000)
-    writer.close()
-    return total
-
-
-def segments(cfg: Config) -> list[SealedSegment]:
-    return [decode_wire(p.read_bytes()) for p in sorted(cfg.outbox_dir.glob("seg-*.seg"))]
-
-
-def drain(recorder: Recorder) -> None:
-    while recorder.step():
-        pass
-    recorder.checkpoint()
+    return recorder_config(state, recipient, device="pci-test",
+                           recorder=f"{DEFAULT_RECORDER}\n{extra}")
 
 
 def run(tmp_path: Path, extra: str, seconds: float = 120.0, seed: int = 11,
@@ -89,7 +54,7 @@ def run(tmp_path: Path, extra: str, seconds: float = 120.0, seed: int = 11,
         del rec  # a crash: what was not checkpointed is lost
         rec = Recorder(cfg, recipients=[recipient], key=key)
     drain(rec)
-    segs = segments(cfg)
+    segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
     assert audit_chain(segs, {key.key_id: key.public_b64}) == []
     return segs, identity, sim, cfg
@@ -236,7 +201,7 @@ def test_pause_window_by_digits_and_by_command(tmp_path: Path) -> None:
     pci.request_pause(cfg.state_dir, "L2", False, wall_ns=wall0 + (c_on + 3 * RATE) * 125_000)
     write_ring(cfg, render, 2, 60.0)
     drain(Recorder(cfg, recipients=[recipient], key=key))
-    segs = segments(cfg)
+    segs = outbox_segments(cfg)
     pauses = {s.manifest["line"]: [g for g in s.manifest["gaps"] if g["reason"] == "pci-pause"]
               for s in segs if s.manifest["part"] == 0}
     (p1,) = pauses["L1"]

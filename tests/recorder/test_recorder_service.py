@@ -15,62 +15,28 @@ import numpy as np
 import pytest
 
 from appliance.audio.simulator import LineSimulator
-from appliance.buffer import RingWriter, SampleFormat
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
 from appliance.seal import (
     DeviceKey,
     SealedSegment,
     audit_chain,
-    decode_wire,
     generate_age_identity,
     open_segment_audio,
 )
-
-RATE = 8000
-PERIOD = 160
+from tests.recorder.recorder_support import (
+    RATE,
+    config_text,
+    drain,
+    outbox_segments,
+    recorder_config,
+    write_ring,
+)
 
 
 def make_config(state: Path, recipient: str, max_segment_s: float = 20.0) -> Config:
-    return parse_config(f"""
-[device]
-id = "rec-test"
-[paths]
-state_dir = "{state}"
-[[capture]]
-source = "simulator"
-[recorder]
-max_segment_s = {max_segment_s}
-commit_interval_s = 0.2
-[seal]
-recipients = ["{recipient}"]
-[uplink]
-transport = "none"
-""")
-
-
-def write_ring(cfg: Config, sim: LineSimulator, seconds: float) -> int:
-    path = cfg.ring_path("main")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = RingWriter.open(path, stream_id=1, size_bytes=64 * 2**20, sync_interval_s=0.5)
-    total = int(seconds * RATE)
-    for pos in range(0, total, PERIOD):
-        pcm = sim.render(pos, PERIOD)
-        writer.append(pcm.tobytes(), frames=PERIOD, channels=sim.lines, rate=RATE,
-                      sample_format=SampleFormat.S16_LE, frame_pos=pos,
-                      wall_ns=1_700_000_000_000_000_000 + pos * 125_000)
-    writer.close()
-    return total
-
-
-def outbox_segments(cfg: Config) -> list[SealedSegment]:
-    return [decode_wire(p.read_bytes()) for p in sorted(cfg.outbox_dir.glob("seg-*.seg"))]
-
-
-def drain(recorder: Recorder) -> None:
-    while recorder.step():
-        pass
-    recorder.checkpoint()
+    return recorder_config(state, recipient,
+                           recorder=f"max_segment_s = {max_segment_s}\ncommit_interval_s = 0.2")
 
 
 def check_segments(segs: list[SealedSegment], key: DeviceKey, identity: str,
@@ -103,7 +69,7 @@ def test_calls_become_chained_sample_exact_parts(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, recipient)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(2, RATE, seed=11, mean_idle_s=8.0, mean_call_s=25.0, max_call_s=50.0)
-    total = write_ring(cfg, sim, 180.0)
+    total = write_ring(cfg, sim.render, sim.lines, 180.0)
     recorder = Recorder(cfg, recipients=[recipient], key=key)
     drain(recorder)
     segs = outbox_segments(cfg)
@@ -122,7 +88,7 @@ def test_restart_from_checkpoint_gives_the_same_segments(tmp_path: Path,
     cfg = make_config(tmp_path, recipient)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(2, RATE, seed=5, mean_idle_s=7.0, mean_call_s=25.0, max_call_s=50.0)
-    total = write_ring(cfg, sim, 150.0)
+    total = write_ring(cfg, sim.render, sim.lines, 150.0)
     first = Recorder(cfg, recipients=[recipient], key=key)
     # Small polls so the crash lands between seals; the state on disk is whatever was committed.
     for _ in range(kill_after_steps):
@@ -138,6 +104,14 @@ import sys, threading
 from pathlib import Path
 from appliance.config import load_config
 from appliance.recorder.service import Recorder
+from tests.recorder.recorder_support import (
+    RATE,
+    config_text,
+    drain,
+    outbox_segments,
+    recorder_config,
+    write_ring,
+)
 from appliance.seal import DeviceKey
 cfg = load_config(Path(sys.argv[1]))
 rec = Recorder(cfg, recipients=list(cfg.seal.recipients),
@@ -149,26 +123,13 @@ rec.run(threading.Event(), status_path=None)
 def test_sigkill_real_recorder_process(tmp_path: Path) -> None:
     """SIGKILL a real recorder process repeatedly while it seals; the final outbox is exact."""
     identity, recipient = generate_age_identity()
-    cfg = make_config(tmp_path, recipient, max_segment_s=10.0)
+    text = config_text(tmp_path, recipient, recorder="max_segment_s = 10.0\ncommit_interval_s = 0.2")
+    cfg = parse_config(text)
     cfg_path = tmp_path / "appliance.toml"
-    cfg_path.write_text(f"""
-[device]
-id = "rec-test"
-[paths]
-state_dir = "{tmp_path}"
-[[capture]]
-source = "simulator"
-[recorder]
-max_segment_s = 10.0
-commit_interval_s = 0.2
-[seal]
-recipients = ["{recipient}"]
-[uplink]
-transport = "none"
-""")
+    cfg_path.write_text(text)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(3, RATE, seed=9, mean_idle_s=7.0, mean_call_s=25.0, max_call_s=50.0)
-    total = write_ring(cfg, sim, 240.0)
+    total = write_ring(cfg, sim.render, sim.lines, 240.0)
     rng = np.random.default_rng(1)
     kills = 0
     for _ in range(8):
@@ -194,7 +155,7 @@ def test_key_rotation_is_announced_in_the_chain(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, recipient)
     old = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(2, RATE, seed=11, mean_idle_s=8.0, mean_call_s=25.0, max_call_s=50.0)
-    total = write_ring(cfg, sim, 180.0)
+    total = write_ring(cfg, sim.render, sim.lines, 180.0)
     recorder = Recorder(cfg, recipients=[recipient], key=old)
     while recorder.sealed < 2:
         assert recorder.step(), "journal ended before two segments were sealed"
@@ -215,22 +176,8 @@ def test_key_rotation_is_announced_in_the_chain(tmp_path: Path) -> None:
 
 
 def quota_config(state: Path, recipient: str, policy: str, quota_mb: float) -> Config:
-    return parse_config(f"""
-[device]
-id = "rec-test"
-[paths]
-state_dir = "{state}"
-[[capture]]
-source = "simulator"
-[recorder]
-max_segment_s = 10.0
-[seal]
-recipients = ["{recipient}"]
-[uplink]
-transport = "none"
-outbox_max_mb = {quota_mb}
-disk_full_policy = "{policy}"
-""")
+    return recorder_config(state, recipient, recorder="max_segment_s = 10.0",
+                           uplink=f'outbox_max_mb = {quota_mb}\ndisk_full_policy = "{policy}"')
 
 
 def test_drop_oldest_losses_are_announced_in_the_chain(tmp_path: Path) -> None:
@@ -240,7 +187,7 @@ def test_drop_oldest_losses_are_announced_in_the_chain(tmp_path: Path) -> None:
     cfg = quota_config(tmp_path, recipient, "drop-oldest", 0.25)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(2, RATE, seed=11, mean_idle_s=7.0, mean_call_s=25.0, max_call_s=50.0)
-    write_ring(cfg, sim, 240.0)
+    write_ring(cfg, sim.render, sim.lines, 240.0)
     recorder = Recorder(cfg, recipients=[recipient], key=key)
     drain(recorder)
     segs = outbox_segments(cfg)
@@ -263,7 +210,7 @@ def test_stop_new_calls_records_no_new_call_and_says_so(tmp_path: Path) -> None:
     cfg = quota_config(tmp_path, recipient, "stop-new-calls", 0.25)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     sim = LineSimulator(2, RATE, seed=11, mean_idle_s=7.0, mean_call_s=25.0, max_call_s=50.0)
-    write_ring(cfg, sim, 240.0)
+    write_ring(cfg, sim.render, sim.lines, 240.0)
     recorder = Recorder(cfg, recipients=[recipient], key=key)
     drain(recorder)
     segs = outbox_segments(cfg)
