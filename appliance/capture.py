@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from appliance import durable
+from appliance import durable, sdnotify
 from appliance.audio.clockdrift import DRIFT_ALARM_PPM, WALL_STEP_ALARM_MS, DriftMeter
 from appliance.audio.source import (
     Block,
@@ -178,9 +178,11 @@ class CaptureLoop:
         """
         if start_frame is None:
             start_frame = self.next_pos
+        notifier = sdnotify.notifier()
         try:
             self._open(start_frame, stop)
             while not stop.is_set():
+                notifier.watchdog()  # a read stuck in the driver stops the keep-alives
                 try:
                     blk = self.source.read()
                 except SourceExhausted as end:
@@ -228,9 +230,14 @@ class CaptureLoop:
         if not already_closed:
             self.source.close()
         delay = self.backoff_initial_s
+        notifier = sdnotify.notifier()
         while not stop.is_set():
             self._write_status()
-            if stop.wait(delay):
+            retry_at = time.monotonic() + delay
+            while not stop.is_set() and time.monotonic() < retry_at:
+                notifier.watchdog()  # waiting for the device is this loop's work
+                stop.wait(notifier.max_wait(retry_at - time.monotonic()))
+            if stop.is_set():
                 return
             gap = max(0, (self.clock() - lost_at) * self.rate // 1_000_000_000)
             try:

@@ -117,14 +117,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from appliance import stages
-    from appliance.supervisor import die_with_parent
+    from appliance import locks, stages
 
-    die_with_parent()
     cfg = _config(args.config)
+    stream = args.stream or cfg.capture[0].name
+    name = f"capture-{stream}" if args.name == "capture" else args.name
+    locks.check_state_dir(cfg.state_dir)
+    locks.acquire(cfg.state_dir, name, f"appliance stage {args.name}"
+                  + (f" {stream}" if args.name == "capture" else ""))
     stop = stages.stop_on_signals()
     if args.name == "capture":
-        stages.run_capture_stage(cfg, args.stream or cfg.capture[0].name, stop)
+        stages.run_capture_stage(cfg, stream, stop)
     elif args.name == "recorder":
         stages.run_recorder_stage(cfg, stop)
     else:

@@ -12,6 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
+from appliance import sdnotify
 from appliance.config import Config
 from appliance.errors import ConfigError
 
@@ -79,7 +80,10 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
     u = cfg.uplink
     if u.transport == "none":
         log.info("uplink.transport = 'none': segments stay in the outbox")
-        stop.wait()
+        notifier = sdnotify.notifier()
+        while not stop.is_set():
+            notifier.watchdog()
+            stop.wait(notifier.max_wait(60.0))
         return
     ca, cert, key = cfg.tls_paths()
     for what, path in (("uplink.ca", ca), ("uplink.cert", cert), ("uplink.key", key)):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance import sdnotify
 from appliance.buffer import Flags, Gap, Record, RingReader
 from appliance.config import CaptureSection, Config
 from appliance.durable import atomic_write_json, fsync_dir, write_status
@@ -625,6 +626,7 @@ class Recorder:
     def run(self, stop: threading.Event, status_path: Path | None = None) -> None:
         try:
             while not stop.is_set():
+                sdnotify.notifier().watchdog()  # analysis stuck in step() stops the keep-alives
                 handled = self.step()
                 self.caught_up = handled == 0
                 now = time.monotonic()

@@ -25,6 +25,7 @@ from types import TracebackType
 
 from appliance.errors import ApplianceError, DependencyError
 from appliance.pki import Pki
+from appliance.procs import owned_preexec
 from appliance.sync.protocol import TOPIC_ROOT
 
 START_TIMEOUT_S = 10.0
@@ -173,7 +174,7 @@ class Broker:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=err_file, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=owned_preexec(),  # noqa: PLW1509 - dies with us
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
