@@ -10,11 +10,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import sdnotify
 from appliance.config import Config
+from appliance.durable import write_status
 from appliance.errors import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.sync.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,8 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
         notifier = sdnotify.notifier()
         while not stop.is_set():
             notifier.watchdog()
-            stop.wait(notifier.max_wait(60.0))
+            _none_status(cfg, outbox)
+            stop.wait(notifier.max_wait(1.0))
         return
     ca, cert, key = cfg.tls_paths()
     for what, path in (("uplink.ca", ca), ("uplink.cert", cert), ("uplink.key", key)):
@@ -107,3 +114,15 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
                         ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
                         chunk_bytes=u.chunk_bytes)
     uplink.run(stop)
+
+
+def _none_status(cfg: Config, outbox: Outbox) -> None:
+    """The status file of an uplink that sends nothing (``transport = "none"``)."""
+    try:
+        b = outbox.backlog()
+        write_status(cfg.run_dir / "uplink.json", {
+            "ts": time.time(), "link": "none", "transport": "none", "alarms": [],
+            "last_ack_ts": None, "backlog": {"segments": b.segments, "bytes": b.bytes,
+                                             "oldest_age_s": round(b.oldest_age_s, 3)}})
+    except OSError as err:  # advisory: never stop the stage for a status file
+        log.warning("uplink: status file: %s", err.strerror)
