@@ -150,14 +150,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from appliance.verify import verify_command
+    from appliance.verify import refuse_non_regular, verify_command
+
+    refuse_non_regular(args.segments)
 
     pubkey = args.pubkey
+    cfg = _config(args.config) if pubkey is None or args.config else None
     if pubkey is None:
         from appliance.seal import DeviceKey
 
-        pubkey = DeviceKey.load(_config(args.config).keys_dir / "device.key").public_b64
-    return verify_command(args.segments, pubkey, as_json=args.json)
+        assert cfg is not None
+        pubkey = DeviceKey.load(cfg.keys_dir / "device.key").public_b64
+    start, note = (0, "") if cfg is None else box_chain_start(cfg, args.segments)
+    return verify_command(args.segments, pubkey, as_json=args.json, start_seq=start,
+                          start_note=note)
+
+
+def box_chain_start(cfg: Config, paths: list[Path]) -> tuple[int, str]:
+    """On a live box the chain starts after the last acknowledged segment: central holds the
+    ones before it and the outbox deleted them."""
+    from appliance.sync.outbox import Outbox
+
+    outbox = cfg.outbox_dir.resolve()
+    if not cfg.outbox_dir.is_dir() or not any(p.resolve().is_relative_to(outbox) for p in paths):
+        return 0, ""
+    acked = Outbox(cfg.outbox_dir).highest_acked()
+    if acked is None:
+        return 0, ""
+    return acked + 1, (f"chain checked from seq {acked + 1}: segments up to {acked} were "
+                       "acknowledged by central and removed from the outbox")
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
