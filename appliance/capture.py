@@ -389,8 +389,8 @@ def run_capture(
     if src.live or stream.realtime:
         request_realtime(stream.rt_priority, f"capture {stream.name}")
     path = cfg.ring_path(stream.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    durable.ensure_dir(path.parent)
+    durable.ensure_dir(cfg.run_dir)
     writer = RingWriter.open(
         path, stream_id=stream_id_of(stream.name), size_bytes=cfg.ring.size_mb * MIB,
         slot_size=cfg.ring.slot_size, sync_interval_s=cfg.ring.sync_interval_ms / 1000.0,

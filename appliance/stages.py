@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from appliance import sdnotify
 from appliance.config import Config
-from appliance.durable import write_status
+from appliance.durable import ensure_dir, write_status
 from appliance.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ def run_capture_stage(cfg: Config, stream_name: str, stop: threading.Event) -> N
     if stream_name not in sections:
         raise ConfigError(f"capture stream {stream_name!r} is not configured "
                           f"(configured: {', '.join(sections)})")
-    cfg.ring_path(stream_name).parent.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.ring_path(stream_name).parent)
+    ensure_dir(cfg.run_dir)
     run_capture(cfg, sections[stream_name], stop)
 
 
@@ -71,7 +71,7 @@ def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.recorder.service import Recorder
     from appliance.seal import DeviceKey
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.run_dir)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     recorder = Recorder(cfg, recipients=load_recipients(cfg), key=key)
     recorder.run(stop, status_path=cfg.run_dir / "recorder.json")
@@ -81,7 +81,7 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.sync.outbox import outbox_for
     from appliance.sync.uplink_base import UplinkBase
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.run_dir)
     outbox = outbox_for(cfg)
     u = cfg.uplink
     if u.transport == "none":

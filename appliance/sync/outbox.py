@@ -49,7 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.durable import atomic_write, atomic_write_json, durable_unlink, fsync_dir
+from appliance.durable import (
+    atomic_write,
+    atomic_write_json,
+    durable_unlink,
+    ensure_dir,
+    fsync_dir,
+)
 from appliance.errors import ApplianceError, FormatError, StateDirError
 
 SEG_RE = re.compile(r"^seg-(\d{12})\.seg$")
@@ -116,7 +122,7 @@ class Outbox:
         self.reserve_bytes = reserve_bytes
         self.rejected_dir = path / REJECTED_DIR
         try:
-            self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.rejected_dir)
         except OSError as err:
             raise StateDirError(f"cannot create outbox folder {self.rejected_dir}: "
                                 f"{err.strerror}") from err
