@@ -214,3 +214,48 @@ def test_unreadable_state_is_exit_2(tmp_path: Path) -> None:
     data = assert_same(out, js, 2)
     assert data["verdict"] == "unreadable"
     assert len(out.stderr.strip().splitlines()) == 1 and "state_dir" in out.stderr
+
+
+def fake_running_box(tmp_path: Path, transport: str, unsent_age_s: float) -> Any:
+    """A box whose three stages hold their locks (taken here) and report fresh status files,
+    with one segment left unsent ``unsent_age_s`` ago."""
+    import time
+
+    from appliance import locks
+    from appliance.config import load_config
+
+    cfg_path = sim_config(tmp_path, transport=transport,
+                          extra="\n[health]\nunsent_limit_s = 60\n")
+    cfg = load_config(cfg_path)
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    now = time.time()
+    (run / "capture-main.json").write_text(json.dumps({"ts": now, "state": "running",
+                                                       "alarms": [], "lines": []}))
+    (run / "recorder.json").write_text(json.dumps({"ts": now, "alarms": [], "lines": [
+        {"line": "L1", "in_call": False, "level_db": -60.0}]}))
+    (run / "uplink.json").write_text(json.dumps({"ts": now, "link": "ready", "alarms": []}))
+    cfg.outbox_dir.mkdir(parents=True)
+    seg = cfg.outbox_dir / "seg-000000000001.seg"
+    seg.write_bytes(b"x" * 100)
+    os.utime(seg, (now - unsent_age_s, now - unsent_age_s))
+    for name in ("capture-main", "recorder", "uplink"):
+        locks.acquire(cfg.state_dir, name, name)
+    return cfg
+
+
+@pytest.mark.parametrize(("transport", "age", "verdict"), [
+    ("mqtt", 10.0, "ok"), ("mqtt", 600.0, "attention"), ("none", 600.0, "ok")])
+def test_old_unsent_segments_need_attention_unless_transport_is_none(
+        tmp_path: Path, transport: str, age: float, verdict: str) -> None:
+    from appliance import locks
+    from appliance.status import collect
+
+    cfg = fake_running_box(tmp_path, transport, age)
+    try:
+        st = collect(cfg)
+    finally:
+        for name in ("capture-main", "recorder", "uplink"):
+            locks.release(name)
+    assert st["verdict"] == verdict, st["alarms"]
+    assert ("unsent-too-old" in alarm_names(st)) == (verdict == "attention")
