@@ -119,12 +119,14 @@ def assert_ready_then_keepalives(listener: NotifyListener, launched: float, want
     assert count(texts, "WATCHDOG=1") <= span / (INTERVAL_USEC / 2e6) + 1, (span, texts)
 
 
-@pytest.mark.parametrize("stage", ["capture", "recorder", "uplink-none", "uplink-mqtt"])
+@pytest.mark.parametrize("stage", ["capture", "recorder", "uplink-none", "uplink-mqtt",
+                                   "uplink-https"])
 def test_stage_reparented_sends_ready_then_keepalives(
         tmp_path: Path, orphans: list[int], stage: str) -> None:
-    transport = "mqtt" if stage == "uplink-mqtt" else "none"
-    cfg = sim_config(tmp_path, transport=transport)
-    if transport == "mqtt":  # no broker listens on port 1: the loop keeps reconnecting
+    transport = stage.removeprefix("uplink-") if stage.startswith("uplink-") else "none"
+    cfg = sim_config(tmp_path, transport=transport,
+                     extra='https_url = "https://127.0.0.1:1"\n' if transport == "https" else "")
+    if transport != "none":  # nothing listens on port 1: the loop keeps reconnecting
         pki = ensure_pki(tmp_path / "pki", ["test-box"])
         for src, name in ((pki.ca_cert, "ca.pem"), (pki.client_cert("test-box"), "client.pem"),
                           (pki.client_key("test-box"), "client.key")):
