@@ -24,7 +24,7 @@ _libc: Any = None
 
 
 def _prctl() -> Any:
-    global _libc  # noqa: PLW0603 - loaded once, before any fork
+    global _libc  # loaded once, before any fork
     if _libc is None and sys.platform.startswith("linux"):
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
@@ -58,7 +58,7 @@ def owned_preexec(sig: int = signal.SIGTERM) -> Callable[[], None]:
 def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start ``argv`` owned by this process, in a process group (and session) of its own."""
     kwargs.setdefault("start_new_session", True)
-    return subprocess.Popen(argv, preexec_fn=owned_preexec(), **kwargs)  # noqa: PLW1509
+    return subprocess.Popen(argv, preexec_fn=owned_preexec(), **kwargs)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -103,7 +103,7 @@ _NOTIFIER: Notifier | None = None
 
 def notifier() -> Notifier:
     """The process's notifier, configured from the environment on first use."""
-    global _NOTIFIER  # noqa: PLW0603 - one notifier per process, like the socket it names
+    global _NOTIFIER  # one notifier per process
     if _NOTIFIER is None:
         _NOTIFIER = Notifier.from_environ()
     return _NOTIFIER

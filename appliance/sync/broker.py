@@ -174,7 +174,7 @@ class Broker:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=err_file, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=owned_preexec(),  # noqa: PLW1509 - dies with us
+                start_new_session=True, preexec_fn=owned_preexec(),  # dies with us
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
