@@ -108,6 +108,7 @@ class Recorder:
         self._last_status = 0.0
         self.caught_up = False
         self.alarms: list[dict[str, Any]] = []
+        self._spool_losses: list[tuple[LineState, int, int, bool]] = []
         self.streams = [
             StreamState(section=s, path=cfg.ring_path(s.name)) for s in cfg.capture
         ]
@@ -143,6 +144,11 @@ class Recorder:
                 self.outbox.discard_prepared(seq)
         keep = {ln.spool.path for s in self.streams for ln in s.lines if ln.spool is not None}
         remove_unreferenced(self.spool_dir, keep)
+        for line, kept, committed, found in self._spool_losses:
+            self._spool_lost(line, kept, committed, found)
+        self._spool_losses = []
+        if self._pending:
+            self._seal_pending()
         if self.rotation is not None and self.rotation["seq"] < self.next_seq:
             self._finish_rotation()
 
@@ -188,9 +194,31 @@ class Recorder:
             if ln["call"] is not None:
                 line.call = OpenCall(**ln["call"])
                 line.spool = Spool(self.spool_dir, line.line, ln["spool_gen"])
-                # Frames appended after the checkpoint are read from the journal again.
-                line.spool.truncate(ln["spool_frames"])
+                committed = int(ln["spool_frames"])
+                if line.spool.frames < committed:
+                    # Frames the checkpoint declared durable are gone: never sealed as silence.
+                    self._spool_losses.append((line, line.spool.frames, committed,
+                                               line.spool.found))
+                else:
+                    # Frames appended after the checkpoint are read from the journal again.
+                    line.spool.truncate(committed)
             stream.lines.append(line)
+
+    def _spool_lost(self, line: LineState, kept: int, committed: int, found: bool) -> None:
+        """The open part's spool is missing or shorter than the checkpoint says: what is left
+        is sealed as a part of its own and the next part starts after the lost frames, with a
+        gap note naming them; the loss is raised as an alarm."""
+        assert line.call is not None and line.spool is not None
+        call = line.call
+        at, lost = call.part_start_frame + kept, committed - kept
+        log.error("line %s: spool %s %s: %d frames of call %s lost at frame %d", line.line,
+                  line.spool.path.name, "short" if found else "missing", lost, call.call_id, at)
+        self._alarm("spool-lost", line=line.line, call_id=call.call_id, at_frame=at,
+                    frames=lost, spool="short" if found else "missing")
+        if kept > 0:
+            self._cut_part(line, kept)
+        call.part_start_frame = at + lost
+        call.gaps.append({"reason": "spool-lost", "at_frame": at, "frames": lost})
 
     # -- checkpoint -------------------------------------------------------------------------
 
@@ -494,19 +522,25 @@ class Recorder:
         hold = int((line.setup.stop_delay_s + 1.0) * self._rate_of(line))
         while line.spool.frames >= part_frames + hold:
             # Cut a full part; the rest moves to a fresh spool (a call end can still trim it).
-            old, call = line.spool, line.call
-            rest = old.read(part_frames)
-            before = call.split(call.part_start_frame + part_frames)
-            if line.analyzer.paused_since is not None:  # a pause window still open
-                before.append({"kind": "pause", "frame": line.analyzer.paused_since, "end": None,
-                               "by": line.analyzer.paused_by})
-            self._pending.append(PendingSeal(line, call.copy(), old, part_frames, last=False,
-                                             events=before))
-            call.part += 1
-            call.part_start_frame += part_frames
-            call.gaps = []
-            line.spool = self._new_spool(line.line)
-            line.spool.append(rest)
+            self._cut_part(line, part_frames)
+
+    def _cut_part(self, line: LineState, frames: int) -> None:
+        """The first ``frames`` of the open part are sealed (not as the last part) with this
+        record; the call goes on in a fresh spool with the rest."""
+        assert line.call is not None and line.spool is not None
+        old, call = line.spool, line.call
+        rest = old.read(frames)
+        before = call.split(call.part_start_frame + frames)
+        if line.analyzer.paused_since is not None:  # a pause window still open
+            before.append({"kind": "pause", "frame": line.analyzer.paused_since, "end": None,
+                           "by": line.analyzer.paused_by})
+        self._pending.append(PendingSeal(line, call.copy(), old, frames, last=False,
+                                         events=before))
+        call.part += 1
+        call.part_start_frame += frames
+        call.gaps = []
+        line.spool = self._new_spool(line.line)
+        line.spool.append(rest)
 
     def _rate_of(self, line: LineState) -> int:
         for s in self.streams:
@@ -553,10 +587,12 @@ class Recorder:
         # first manifest sealed from now on: central sees every loss in the chain.
         announce = self.outbox.pending_losses() + list(self.unrecorded)
         announced: list[dict[str, Any]] = []
+        orphan_notes: list[dict[str, Any]] = []
         for p in pending:
             stream = self._stream_of(p.line)
             if p.frames <= 0:
-                p.spool.remove()
+                # No audio to seal, but the losses noted for it still reach central.
+                orphan_notes += [{**g, "line": p.line.line} for g in p.call.gaps]
                 continue
             pcm = p.spool.read(0, p.frames)
             start = p.call.part_start_frame
@@ -588,6 +624,7 @@ class Recorder:
             self.sealed += 1
             log.info("sealed segment %d: line %s call %s part %d (%d frames%s)", seg.seq,
                      p.line.line, p.call.call_id, p.call.part, p.frames, ", last" if p.last else "")
+        self.unrecorded += orphan_notes
         # Phase 2: the checkpoint moves next_seq past the prepared segments.
         self.checkpoint()
         # Phase 3: publish them, then drop the spools they came from.

@@ -25,6 +25,8 @@ class Spool:
     def __init__(self, folder: Path, line: str, gen: int) -> None:
         self.path = folder / f"{line}.{gen}.pcm"
         self.gen = gen
+        self.found = self.path.exists()
+        """False when the file did not exist (it is created empty)."""
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self.frames = os.fstat(self._fd).st_size // BYTES_PER_FRAME
 
