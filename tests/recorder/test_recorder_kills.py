@@ -1,6 +1,7 @@
 """The recorder stage as a real process, SIGKILLed again and again while it seals, against an
 uninterrupted run of the same journal: every call of the uninterrupted run is there, with the
-same parts, the same samples and the same sealed metadata.
+same parts, the same samples and the same sealed metadata. Mixed with clean stops (SIGTERM),
+which seal open calls as parts of their own, every call still holds the same samples.
 
 The phone lines are simulated (appliance.audio.simulator): each simulated call begins with DTMF
 digits, recorded here under PCI masking.
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
@@ -57,7 +59,11 @@ def caught_up(cfg: Config) -> bool:
         return False
 
 
-def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stops", ["sigkill", "sigkill-and-sigterm"])
+def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path,
+                                                                   stops: str) -> None:
+    """``sigkill-and-sigterm``: every other stop is a clean one, which seals the open calls'
+    audio as parts of its own; the samples of every call must still be the same."""
     identity, recipient = generate_age_identity()
     ref_cfg, _ = box(tmp_path / "reference", recipient)
     cfg, cfg_path = box(tmp_path / "killed", recipient)
@@ -71,6 +77,7 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
 
     reference = Recorder(ref_cfg, recipients=[recipient], key=key)
     drain(reference)
+    reference.seal_open_parts()  # both runs end with a clean stop: calls still open are compared
     ref_calls = sealed_calls(outbox_segments(ref_cfg), identity)
 
     rng = np.random.default_rng(7)
@@ -89,8 +96,9 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
         time.sleep(float(rng.uniform(0.0, 0.15)))
         done = caught_up(cfg)
         kills.append((checkpoint_seq(cfg), committed(cfg), done))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        clean = stops == "sigkill-and-sigterm" and len(kills) % 2 == 0
+        os.kill(proc.pid, signal.SIGTERM if clean else signal.SIGKILL)
+        assert proc.wait(timeout=60) == (0 if clean else -signal.SIGKILL)
         (cfg.run_dir / "recorder.json").unlink(missing_ok=True)
         if done:
             break
@@ -100,6 +108,7 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
 
     final = Recorder(cfg, recipients=[recipient], key=DeviceKey.load(cfg.keys_dir / "device.key"))
     drain(final)
+    final.seal_open_parts()
     segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
     assert audit_chain(segs, {key.key_id: key.public_b64}) == []
@@ -108,7 +117,7 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
     assert sum(1 for parts in ref_calls.values() if parts[-1].last) >= 10
     # A killed process loses nothing the page cache holds and the journal is never lapped
     # here: no loss note is acceptable, every call must match the uninterrupted run exactly.
-    compare_with_reference(ref_calls, got, loss_reasons=())
+    compare_with_reference(ref_calls, got, loss_reasons=(), same_parts=stops == "sigkill")
     assert "ERROR" not in log_path.read_text()
-    print(f"recorder SIGKILLed {len(kills)} times ({len(mid_work)} while sealing, next_seq at "
+    print(f"recorder stopped {len(kills)} times ({stops}, {len(mid_work)} while sealing, next_seq at "
           f"kill {[k[0] for k in kills]}): {len(segs)} segments, {len(got)} calls")
