@@ -10,8 +10,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
@@ -225,3 +227,60 @@ def test_clean_stop_seals_open_calls_and_the_restart_continues_them(tmp_path: Pa
         near = [cid for cid, parts in calls.items() if cid.startswith(f"L{line + 1}-")
                 and any(c.start_frame - 3 * RATE <= p.start < c.end_frame for p in parts)]
         assert len(near) == 1, (line, near)
+
+
+def test_crash_while_a_stopped_call_waits_for_its_restart(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a clean stop, the calls waiting for the audio after the restart (continue or end)
+    are in the checkpoint: a crash at any step of that window seals exactly what a run without
+    the crash seals."""
+    from appliance.recorder import service
+
+    monkeypatch.setattr(service, "MAX_BATCH", 16)  # small steps: crashes land inside the window
+    _, recipient = generate_age_identity()
+    sim = LineSimulator(3, RATE, seed=8, mean_idle_s=5.0, mean_call_s=30.0, max_call_s=60.0)
+    stop, restart, end = 46 * RATE, 52 * RATE, 70 * RATE
+    base = recorder_config(tmp_path / "base", recipient, device="stop-test",
+                           recorder=STOP_RECORDER)
+    key = DeviceKey.load_or_create(base.keys_dir / "device.key")
+    base.ring_path("main").parent.mkdir(parents=True)
+    append_journal(base, sim, 0, stop)
+    first = Recorder(base, recipients=[recipient], key=key)
+    drain(first)
+    first.seal_open_parts()
+    append_journal(base, sim, restart, end, downtime=restart - stop)
+
+    def box(name: str) -> Config:
+        shutil.copytree(base.state_dir, tmp_path / name)
+        return recorder_config(tmp_path / name, recipient, device="stop-test",
+                               recorder=STOP_RECORDER)
+
+    def manifests(cfg: Config) -> list[dict[str, Any]]:
+        out = []
+        for s in outbox_segments(cfg):
+            m = dict(s.manifest)
+            for k in ("created_wall_ns", "prev_manifest_sha256", "payload_sha256",
+                      "payload_bytes", "sealed_meta", "signature"):
+                m.pop(k, None)
+            out.append(m)
+        return out
+
+    ref = box("reference")
+    rec = Recorder(ref, recipients=[recipient], key=key)
+    drain(rec)
+    want = manifests(ref)
+    waiting = []
+    for crash_after in range(1, 40, 5):
+        cfg = box(f"crash-{crash_after}")
+        rec = Recorder(cfg, recipients=[recipient], key=key)
+        for _ in range(crash_after):
+            rec.step()
+        rec.checkpoint()
+        waiting.append(sum(1 for s in rec.streams for ln in s.lines
+                           if ln.call is not None and ln.call.resumed is not None))
+        del rec  # the crash
+        rec = Recorder(cfg, recipients=[recipient], key=key)
+        drain(rec)
+        assert manifests(cfg) == want, crash_after
+    # Crashes landed while calls were waiting, and after the wait was over.
+    assert waiting[0] >= 1 and waiting[-1] == 0, waiting
