@@ -83,7 +83,7 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
     rng = np.random.default_rng(7)
     log_path = tmp_path / "recorder-stderr.log"
     kills: list[tuple[int, int, bool]] = []  # (checkpointed next_seq, committed, journal done)
-    while len(kills) < 16:
+    while len(kills) < 12:
         before = max(committed(cfg), checkpoint_seq(cfg))
         with log_path.open("ab") as log:
             proc = subprocess.Popen(stage_argv(cfg_path, "recorder"), stderr=log)
