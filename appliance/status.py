@@ -51,6 +51,8 @@ HINTS = {
                         "look for a gap note in the sealed segments",
     "audio-lost": "the recorder fell behind capture and audio was overwritten: the box is "
                   "overloaded or the journal (ring.size_mb) is too small",
+    "spool-lost": "part of a call's held audio was missing at a restart (disk fault or files "
+                  "removed): the sealed call carries a spool-lost gap note with the exact length",
     "call-not-recorded": "a call started while new calls were stopped (disk full): free space "
                          "or raise uplink.outbox_max_mb",
     "line-long-call": "a line has been in a call longer than long_call_alarm_h: a line left "

@@ -177,7 +177,8 @@ class Outbox:
         # Durability: the blob is written under a temporary name, fsynced, renamed to its
         # prepared name and the folder synced: after a power cut prepared() reports only
         # complete blobs, which the recorder may then commit or discard.
-        atomic_write(self.prep_path(seq), blob)
+        # 0600: the clear manifest is call metadata (line, call id, times).
+        atomic_write(self.prep_path(seq), blob, mode=0o600)
 
     def commit(self, seq: int) -> None:
         """Make a prepared segment visible to the uplink (one atomic rename)."""
