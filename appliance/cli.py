@@ -96,6 +96,21 @@ def build_parser() -> OneLineParser:
     ana.add_argument("--config", type=Path)
     ana.add_argument("--json", action="store_true")
 
+    stest = sub.add_parser(
+        "selftest", help="the technician's hardware checks (PASS/WARN/FAIL with a hint each)",
+        description="Runs the hardware, line, storage, clock and network checks, prints one row "
+                    "per check, keeps the result under <state_dir>/selftest/last.json. Exit 0 when "
+                    "nothing failed, 1 when a check failed or a step waits for the technician.")
+    stest.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
+    stest.add_argument("--json", action="store_true", help="print the result as JSON")
+    stest.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML to FILE")
+    stest.add_argument("--only", nargs="+", metavar="CHECK",
+                       help="run only these checks (names as in hw-tests/CHECKS.md)")
+    stest.add_argument("--continue", dest="resume", action="store_true",
+                       help="resume the waiting session (after plugging the test plug, or a reboot)")
+    stest.add_argument("--no-prompt", action="store_true",
+                       help="never wait at the keyboard: stop at a manual step (resume with --continue)")
+
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
@@ -195,6 +210,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return analyze_command(_config(args.config), args.wav, as_json=args.json)
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from appliance.selftest.command import selftest_command
+
+    return selftest_command(_config(args.config), only=args.only, as_json=args.json,
+                            junit=args.junit, resume=args.resume,
+                            prompt=False if args.no_prompt else None)
+
+
 def cmd_buffer(args: argparse.Namespace) -> int:
     from appliance.buffer import buffer_check_command
 
@@ -212,6 +235,7 @@ COMMANDS = {
     "buffer": cmd_buffer,
     "keys": cmd_keys,
     "analyze": cmd_analyze,
+    "selftest": cmd_selftest,
 }
 
 

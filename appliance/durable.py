@@ -23,6 +23,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ensure_dir(path: Path, mode: int = 0o750) -> None:
+    """Create ``path`` and every missing level above it, each creation made durable."""
+    if path.is_dir():
+        return
+    missing: list[Path] = []
+    level = path
+    while not level.exists():
+        missing.append(level)
+        level = level.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, mode)
+        # Durability: a new folder's entry survives a power cut only once its parent is synced.
+        fsync_dir(folder.parent)
+
+
 def tmp_name(path: Path) -> Path:
     """The temporary sibling used while ``path`` is being written (ignored by readers)."""
     return path.with_name(f".{path.name}.tmp")
