@@ -39,6 +39,10 @@ def collect(cfg: Config) -> dict[str, Any]:
     out["link"] = up.get("link", "unknown") if up.get("running") else "unknown"
     out["last_ack_ts"] = up.get("last_ack_ts")
     out["alarms"] = list(up.get("alarms", []))
+    # -- last self-test (issue 16): appliance.selftest.store.status_summary owns the format --
+    from appliance.selftest.store import status_summary
+
+    out["selftest"] = status_summary(cfg)
     return out
 
 
@@ -72,6 +76,10 @@ def status_command(cfg: Config, *, as_json: bool) -> int:
               f"oldest {b['oldest_age_s'] or 0:.0f} s")
     for alarm in st.get("alarms", []):
         print(f"  ALARM {alarm.get('alarm')}: {alarm.get('detail')}")
+    # -- last self-test (issue 16) --
+    from appliance.selftest.store import status_summary_line
+
+    print(f"  {status_summary_line(st.get('selftest'))}")
     ok = all(d["running"] for d in st["stages"].values())
     print("recording, all stages running" if ok else "ATTENTION: a stage is not running")
     return 0 if ok else 1

@@ -74,6 +74,22 @@ def status_summary(cfg: Config) -> dict[str, Any] | None:
     }
 
 
+def status_summary_line(summary: dict[str, Any] | None) -> str:
+    """One line for ``appliance status`` from :func:`status_summary`."""
+    if summary is None:
+        return "selftest never run (run 'appliance selftest')"
+    if "error" in summary:
+        return f"selftest result unreadable: {summary['error']}"
+    counts = ", ".join(f"{n} {v}" for v, n in summary["counts"].items() if n)
+    line = f"selftest {summary['verdict']} {summary['age_s']} s ago ({counts})"
+    if summary.get("waiting_for"):
+        line += f"; waiting: {summary['waiting_for']}"
+    failed = [p["check"] for p in summary["problems"] if p["verdict"] == "FAIL"]
+    if failed:
+        line += "; failed: " + ", ".join(failed[:4]) + (" ..." if len(failed) > 4 else "")
+    return line
+
+
 @dataclass
 class Session:
     """A self-test that waits for the technician between steps (the test plug, line by line)."""
