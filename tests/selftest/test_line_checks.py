@@ -157,3 +157,11 @@ def test_fewer_channels_than_configured(tmp_path: Path) -> None:
     cfg2 = load_config(write_config(tmp_path / "c2.toml", tmp_path / "s", f"two:FILE={raw}", 2))
     assert by(run_selftest(cfg2, only=["capture-device"]).results, "capture-device",
               "main").verdict is Verdict.PASS
+
+
+def test_catalogue_documents_every_check() -> None:
+    from appliance.selftest import check_names
+
+    text = (Path(__file__).parents[2] / "hw-tests" / "CHECKS.md").read_text()
+    for name in check_names():
+        assert f"| `{name}` |" in text, f"hw-tests/CHECKS.md does not document {name}"
