@@ -111,6 +111,13 @@ def build_parser() -> OneLineParser:
     stest.add_argument("--no-prompt", action="store_true",
                        help="never wait at the keyboard: stop at a manual step (resume with --continue)")
 
+    mon = sub.add_parser(
+        "monitor", help="live per-line meters, call state and DTMF (for wiring; needs no keys)",
+        description="Live view of every line: level meter (dBFS) with peak hold, noise floor, "
+                    "clipping and hum, call state, DTMF digits, alarms. Quit with q or Ctrl-C.")
+    mon.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
+    mon.add_argument("--seconds", type=_positive_float, help="stop after this long (default: until q)")
+
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
@@ -218,6 +225,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
                             prompt=False if args.no_prompt else None)
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from appliance.monitor import monitor_command
+
+    return monitor_command(_config(args.config), seconds=args.seconds or 0.0)
+
+
 def cmd_buffer(args: argparse.Namespace) -> int:
     from appliance.buffer import buffer_check_command
 
@@ -236,6 +249,7 @@ COMMANDS = {
     "keys": cmd_keys,
     "analyze": cmd_analyze,
     "selftest": cmd_selftest,
+    "monitor": cmd_monitor,
 }
 
 
