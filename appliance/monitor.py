@@ -308,7 +308,7 @@ def monitor_command(cfg: Config, *, seconds: float = 0.0, out: TextIO | None = N
     sections = {s.name: s for s in cfg.capture}
     threads = []
     for s in cfg.capture:
-        journal = s.source in ("alsa", "portaudio") and capture_running(cfg, s)
+        journal = capture_running(cfg, s)
         target = _read_journal if journal else _read_source
         args = (cfg, s, items, mon.feeds[s.name], stop) if journal else (s, items, mon.feeds[s.name], stop)
         t = threading.Thread(target=target, args=args, name=f"monitor-{s.name}", daemon=True)
