@@ -77,12 +77,25 @@ def build_parser() -> OneLineParser:
     dev = sub.add_parser("devices", help="capture devices with their channels, rates and formats")
     dev.add_argument("--json", action="store_true")
 
-    smp = sub.add_parser("sample", help="record a short WAV through the capture path")
-    smp.add_argument("--device", required=True)
-    smp.add_argument("--channels", type=_positive_int)
-    smp.add_argument("--rate", type=_positive_int)
-    smp.add_argument("--seconds", type=_positive_float, required=True)
-    smp.add_argument("--out", type=Path, required=True)
+    smp = sub.add_parser(
+        "sample", help="record a short WAV through the capture path",
+        description="Records from an ALSA device through the capture path (format conversion, "
+                    "resampling) into a WAV holding what the journal would store: 16-bit PCM at "
+                    "the storage rate, one channel per line. Prints each channel's level.")
+    smp.add_argument("--device", required=True,
+                     help="ALSA PCM name (e.g. hw:CARD=U18,DEV=0) or card id; see 'appliance devices'")
+    smp.add_argument("--channels", type=_positive_int,
+                     help="channels to keep, the first N (default: every channel of the device)")
+    smp.add_argument("--rate", type=_positive_int,
+                     help="rate to open the device at, Hz (default: the device's preferred rate)")
+    smp.add_argument("--format", dest="sample_format", default="auto",
+                     choices=["auto", "S16_LE", "S24_3LE", "S24_LE", "S32_LE", "FLOAT_LE"],
+                     help="sample format to open the device with (default auto)")
+    smp.add_argument("--storage-rate", type=int, default=8000, choices=[8000, 16000],
+                     help="rate of the WAV written, as the journal stores it (default 8000)")
+    smp.add_argument("--seconds", type=_positive_float, required=True,
+                     help="length of the take, seconds (at most 3600)")
+    smp.add_argument("--out", type=Path, required=True, help="WAV file to write")
 
     keys = sub.add_parser("keys", help="the box's signing key")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=OneLineParser)
@@ -187,7 +200,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from appliance.audio.devices import sample_command
 
     return sample_command(device=args.device, channels=args.channels, rate=args.rate,
-                          seconds=args.seconds, out=args.out)
+                          seconds=args.seconds, out=args.out, sample_format=args.sample_format,
+                          storage_rate=args.storage_rate)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 - ``filecap:FILE=<raw>``: capture from a raw interleaved file, any channel count;
 - ``two:FILE=<raw>``: the same behind the ``multi`` plugin, which fixes the channel count at 2
   (an interface with fewer inputs than the config expects);
-- ``play:FILE=<raw>``: playback into a raw file (what the test plug would be fed).
+- ``play:FILE=<raw>``: playback into a raw file (what the test plug would be fed);
+- ``default``: PortAudio 19.6 aborts while listing devices unless 'default' exists.
 
 A phone line and a test plug cannot exist here: the capture files hold what a line (or the plug
 wired back into a line) would deliver, generated with numpy independently of the code under test.
@@ -36,6 +37,13 @@ pcm.two {
              channels 2 }
   bindings.0 { slave a channel 0 }
   bindings.1 { slave a channel 1 }
+}
+pcm.default {
+  type file
+  slave.pcm { type null }
+  file "/dev/null"
+  infile "/dev/zero"
+  format "raw"
 }
 pcm.play {
   @args [ FILE ]
