@@ -221,10 +221,22 @@ def _mqtt_probe(tls: ssl.SSLContext, host: str, port: int, device_id: str) -> st
         result.append(str(reason))
         done.set()
 
+    def on_disconnect(client: mqtt.Client, userdata: object, flags: object, reason: object,
+                      props: object) -> None:
+        if not done.is_set():
+            result.append(f"disconnected before CONNACK ({reason})")
+            done.set()
+
+    def on_connect_fail(client: mqtt.Client, userdata: object) -> None:
+        result.append("the connection failed before CONNACK")
+        done.set()
+
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5,
                          reconnect_on_failure=False)
     client.tls_set_context(tls)
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_connect_fail = on_connect_fail
     # clean_start False: the uplink's persistent session (and its queued acks) stays intact.
     client.connect(host, port, keepalive=10, clean_start=False)
     client.loop_start()
