@@ -12,7 +12,6 @@ snapshot of every line once a second.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import select
@@ -34,6 +33,7 @@ from appliance.errors import ApplianceError
 from appliance.recorder.detect import CALL_DISCARD, CALL_END, CALL_START
 from appliance.recorder.lines import LineState, line_setup
 from appliance.selftest.audio import DC_WARN, HUM_WARN_DBM0
+from appliance.selftest.context import capture_running
 from appliance.selftest.signal import FULL_SCALE, MAINS_HZ, dbfs
 
 METER_LOW_DB = -60.0
@@ -45,7 +45,6 @@ SILENCE_DBFS = -90.3
 DIGITS_SHOWN = 10
 REFRESH_S = 0.1
 SNAPSHOT_S = 1.0
-STATUS_FRESH_S = 10.0
 MASKED = "x"
 
 
@@ -167,14 +166,6 @@ class Monitor:
 # -- sources ----------------------------------------------------------------------------------
 
 Item = tuple[int, npt.NDArray[np.int16], int] | str
-
-
-def capture_running(cfg: Config, section: CaptureSection) -> bool:
-    try:
-        data = json.loads((cfg.run_dir / f"capture-{section.name}.json").read_text())
-        return time.time() - float(data.get("ts", 0)) < STATUS_FRESH_S
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _read_source(section: CaptureSection, out: queue.Queue[tuple[str, Item]],

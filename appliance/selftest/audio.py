@@ -37,7 +37,7 @@ from appliance.audio import alsa
 from appliance.audio.source import AudioError, check_line_map
 from appliance.config import CaptureSection
 from appliance.errors import ApplianceError
-from appliance.selftest.context import Context, Take, capture_take
+from appliance.selftest.context import Context, Take, capture_status, capture_take
 from appliance.selftest.model import CheckResult, Verdict, grade
 from appliance.selftest.signal import LineMeasures, dbfs, dbm0, dominant_tone
 
@@ -74,6 +74,9 @@ def _device_result(ctx: Context, s: CaptureSection) -> CheckResult:
 
     want = (f"{s.channels} ch" if s.channels else "every channel") + (f" at {s.rate} Hz" if s.rate else "")
     limits = f"device {s.device!r} opens with the configured {want}, format {s.sample_format}"
+    status = capture_status(ctx.cfg, s)
+    if status is not None:
+        return _running_device_result(ctx, s, status, limits)
     if s.source in ("wav", "simulator"):
         return res(Verdict.SKIP, s.source, f"stream {s.name} reads a {s.source} source, not "
                    "hardware: set capture.source = 'alsa' on a box")
@@ -110,6 +113,32 @@ def _device_result(ctx: Context, s: CaptureSection) -> CheckResult:
                    "overloaded or the USB link is unreliable (try another port or cable)",
                    f"{take.lost_frames} frames lost; {take.description}")
     return res(Verdict.PASS, value, "", take.description)
+
+
+def _running_device_result(ctx: Context, s: CaptureSection, status: dict[str, Any],
+                           limits: str) -> CheckResult:
+    """The device is held by the running capture stage: judge it by what capture reports and
+    by the audio in its journal."""
+    source = str(status.get("source", s.device))
+    device = status.get("device") if isinstance(status.get("device"), dict) else {}
+    state = str(device.get("state", "ok")) if isinstance(device, dict) else "ok"
+    if state != "ok":
+        error = str(device.get("error", "")) if isinstance(device, dict) else ""
+        return CheckResult("capture-device", s.name, Verdict.FAIL, state, "", limits,
+                           "the capture stage has lost the device: check the interface's cable "
+                           "and power, then 'journalctl -u appliance-capture@*'", error)
+    take = ctx.take(s)
+    if take.pcm is None:
+        return CheckResult("capture-device", s.name, Verdict.FAIL, "no audio", "", limits,
+                           "the capture stage runs but its journal holds no audio: see "
+                           "'appliance status'", take.error)
+    got = take.pcm.shape[1]
+    if s.channels and got != s.channels:
+        return CheckResult("capture-device", s.name, Verdict.FAIL, f"{got} ch", "", limits,
+                           f"capture records {got} channel(s), the config asks for {s.channels}: "
+                           "restart the capture stage after changing capture.channels")
+    return CheckResult("capture-device", s.name, Verdict.PASS, f"{got} ch", "", limits, "",
+                       f"in use by the capture stage: {source}")
 
 
 def _lines(ctx: Context, check: str) -> Iterator[tuple[str, str, LineMeasures] | CheckResult]:

@@ -77,9 +77,7 @@ def _start(cfg: Config, only: Sequence[str] | None, *, as_json: bool) -> store.S
         for r in session.results:
             print(_row(r.verdict, r.name, r.shown_value(), r.hint))
     if session.steps:
-        store.save_session(cfg, session)
-    elif store.session_path(cfg).exists():
-        store.end_session(cfg)  # a fresh complete run replaces a session left waiting
+        store.save_session(cfg, session)  # replaces a session left waiting, if any
     return session
 
 
@@ -102,7 +100,7 @@ def _report(cfg: Config, session: store.Session, junit: Path | None, *, as_json:
     kept = ""
     try:
         kept = str(store.save_last_result(cfg, result))
-        if not waiting:
+        if session.steps and not waiting:
             store.end_session(cfg)
     except OSError as err:
         print(f"appliance selftest: warning: the result cannot be kept under "
