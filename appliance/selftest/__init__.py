@@ -7,7 +7,7 @@ the technician through the steps that need their hands (the loopback test plug).
 """
 
 from appliance.selftest.model import CheckResult, SelftestResult, Verdict
-from appliance.selftest.runner import CHECKS, check_names, run_selftest
+from appliance.selftest.runner import CHECKS, check_names, run_selftest, run_unattended
 from appliance.selftest.store import last_result_path, load_last_result
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "last_result_path",
     "load_last_result",
     "run_selftest",
+    "run_unattended",
 ]

@@ -19,7 +19,8 @@ Limits (each stated with where it comes from; hw-tests/CHECKS.md is the technici
   PASS within -35..-10 dBm0, WARN outside (too quiet to follow, or near overload).
 - loopback (as ``alsabat`` does): a 1004 Hz tone (the telephone test tone, IEEE 743) at -10 dBm0
   played through the plug must come back on the plugged line, at that frequency within 0.5 %
-  (WARN to 2 %: playback and capture clocks disagree), at least 30 dB above everything else.
+  (WARN to 2 %: playback and capture clocks disagree), at least 30 dB above everything else;
+  WARN when it returns weaker than -40 dBFS or also on another line (crosstalk).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ TONE_DBM0 = -10.0
 FREQ_PASS = 0.005
 FREQ_FAIL = 0.02
 TONE_SNR_DB = 30.0
+TONE_LOW_DBFS = -40.0
+"""A test tone returned 24 dB below what was played leaves little room above the line's noise:
+the plug path attenuates too much or the input gain is too low (WARN)."""
 
 
 def _streams(ctx: Context) -> list[CaptureSection]:
@@ -352,6 +356,10 @@ def _grade_loopback(take: Take, line: str, limits: str) -> CheckResult:
     if cross and verdict is Verdict.PASS:
         verdict = Verdict.WARN
         hint = f"the test tone also reaches line {', '.join(cross)}: crosstalk in the wiring or the tap"
+    elif level < TONE_LOW_DBFS and verdict is Verdict.PASS:
+        verdict = Verdict.WARN
+        hint = (f"the test tone returns weak on line {line} ({level:.0f} dBFS): raise the input "
+                "gain (alsamixer) or check the test plug's cable")
     return CheckResult("loopback", line, verdict, round(freq, 1), "Hz", limits, hint, detail)
 
 

@@ -86,6 +86,7 @@ def run_selftest(cfg: Config, *, only: Sequence[str] | None = None, manual: bool
 
     Unattended (``manual=False``, e.g. a fleet command) the steps that need a technician's
     hands (the loopback test plug) report SKIP with a hint. UsageError for an unknown name.
+    Nothing is stored: see :func:`run_unattended`.
     """
     checks = select(only)
     ctx = Context(cfg, capture_s or cfg.selftest.capture_s, manual=manual)
@@ -93,3 +94,14 @@ def run_selftest(cfg: Config, *, only: Sequence[str] | None = None, manual: bool
     results = run_checks(ctx, checks)
     return SelftestResult(device_id=cfg.device.id, started_ns=started, finished_ns=time.time_ns(),
                           boot_id=boot_id(), results=tuple(results))
+
+
+def run_unattended(cfg: Config, *, only: Sequence[str] | None = None) -> SelftestResult:
+    """A self-test nobody attends (a remote command from central): the automatic checks, kept
+    as the box's last result for ``appliance status`` and central. Recording goes on: while
+    capture runs, the line checks read the journal."""
+    from appliance.selftest.store import save_last_result
+
+    result = run_selftest(cfg, only=only, manual=False)
+    save_last_result(cfg, result)
+    return result

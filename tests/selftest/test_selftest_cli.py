@@ -151,3 +151,16 @@ def test_loopback_without_the_plug_fails(tmp_path: Path, asound_conf: Path) -> N
     r = json.loads(p.stdout)["results"][0]
     assert (r["check"], r["verdict"]) == ("loopback", "FAIL")
     assert r["hint"].startswith("no test tone on line L1: check that the test plug is in line L1")
+
+
+def test_loopback_with_a_weak_return_warns(tmp_path: Path, asound_conf: Path) -> None:
+    """Played at -16 dBFS, back at -50 dBFS: 34 dB lost, below the -40 dBFS the check expects."""
+    raw = write_s16(tmp_path / "in.raw", [sine(SECONDS, 1004.0, -50.0) + noise(SECONDS, -90.0, 1),
+                                          noise(SECONDS, -80.0, 2)])
+    extra = f'playback_device = "play:FILE={tmp_path / "p.raw"}"\nloopback_lines = ["L1"]'
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "s", f"filecap:FILE={raw}", 2, extra)
+    assert run(["selftest", "--only", "loopback", "--config", str(cfg)], asound_conf).returncode == 1
+    p = run(["selftest", "--continue", "--json", "--config", str(cfg)], asound_conf)
+    assert p.returncode == 0, p.stdout
+    r = json.loads(p.stdout)["results"][0]
+    assert r["verdict"] == "WARN" and r["hint"].startswith("the test tone returns weak on line L1")

@@ -93,3 +93,12 @@ def test_unattended_run_skips_the_plug_step(tmp_path: Path) -> None:
                         f'[paths]\nstate_dir = "{tmp_path}"\n')
     r = one(load_config(cfg_file), "loopback")
     assert r.verdict is Verdict.SKIP and "needs a technician with the test plug" in r.hint
+
+
+def test_unattended_run_keeps_its_result(tmp_path: Path) -> None:
+    from appliance.selftest import load_last_result, run_unattended
+
+    cfg = config(tmp_path)
+    result = run_unattended(cfg, only=["memory", "loopback"])
+    assert load_last_result(cfg) == result
+    assert [r.check for r in result.results] == ["loopback", "memory"]
