@@ -127,10 +127,7 @@ def check_tls(ctx: Context) -> list[CheckResult]:
     host, port = endpoint(ctx.cfg)
     subject = f"{host}:{port}"
     try:
-        tls = _tls_context(ctx.cfg)
-        with socket.create_connection((host, port), timeout=TIMEOUT_S) as raw, \
-                tls.wrap_socket(raw, server_hostname=host) as conn:
-            version = conn.version() or "TLS"
+        version = _handshake(_tls_context(ctx.cfg), host, port)
     except ssl.SSLCertVerificationError as err:
         return [CheckResult("uplink-tls", subject, Verdict.FAIL, None, "", limits,
                             f"{subject} is not central as the box knows it: check uplink.host and "
@@ -147,6 +144,13 @@ def check_tls(ctx: Context) -> list[CheckResult]:
         "the box's certificate expires soon: renew it with central ('appliance provision')")
     return [CheckResult("uplink-tls", subject, verdict, days, "days", limits, hint,
                         f"{version}; certificate valid for {days} more days")]
+
+
+def _handshake(tls: ssl.SSLContext, host: str, port: int) -> str:
+    """Complete a TLS handshake with ``host:port``; the protocol version agreed."""
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as raw, \
+            tls.wrap_socket(raw, server_hostname=host) as conn:
+        return conn.version() or "TLS"
 
 
 def _cert_days_left(cfg: Config) -> int | None:
@@ -185,6 +189,12 @@ def check_auth(ctx: Context) -> list[CheckResult]:
                             "'journalctl -u appliance-uplink'", "reported by the running uplink")]
     try:
         tls = _tls_context(ctx.cfg)
+        _handshake(tls, host, port)
+    except (ssl.SSLError, OSError, ApplianceError) as err:
+        return [CheckResult("uplink-auth", subject, Verdict.FAIL, None, "", limits,
+                            "no TLS session with central, so it cannot accept the box: see "
+                            "uplink-tls", str(err))]
+    try:
         if ctx.cfg.uplink.transport == "https":
             answer = _https_probe(tls, host, port)
         else:

@@ -27,7 +27,7 @@ def test_monitor_reads_the_journal_while_capture_runs(tmp_path: Path) -> None:
                            check=False)
     finally:
         capture.terminate()
-        capture.wait(timeout=30)
+        capture.communicate(timeout=30)
     assert p.returncode == 0, p.stderr
     last = p.stdout.strip().split("\n\n")[-1]
     assert f" main: journal {tmp_path}" in last  # the row is cut at 80 columns

@@ -30,7 +30,7 @@ def test_line_checks_read_the_journal_while_capture_runs(tmp_path: Path) -> None
         assert capture.poll() is None, "the self-test stopped capture"
     finally:
         capture.terminate()
-        capture.wait(timeout=30)
+        capture.communicate(timeout=30)
     assert capture.returncode == 0
     dev = res[("capture-device", "main")]
     assert dev.verdict is Verdict.PASS and dev.value == "4 ch"
