@@ -38,9 +38,9 @@ from appliance.audio import alsa
 from appliance.audio.source import AudioError, check_line_map
 from appliance.config import CaptureSection
 from appliance.errors import ApplianceError
-from appliance.selftest.context import Context, Take, capture_status, capture_take
+from appliance.selftest.context import Context, Take, capture_status, capture_take, journal_take
 from appliance.selftest.model import CheckResult, Verdict, grade
-from appliance.selftest.signal import LineMeasures, dbfs, dbm0, dominant_tone
+from appliance.selftest.signal import ACTIVE_FRACTION, LineMeasures, dbfs, dbm0, dominant_tone
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def check_call_level(ctx: Context) -> list[CheckResult]:
             out.append(item)
             continue
         where, line, m = item
-        if m.active_fraction < 0.2:
+        if m.active_fraction < ACTIVE_FRACTION:
             out.append(CheckResult("line-call-level", line, Verdict.SKIP, None, "dBFS", limits,
                                    f"no call on {where} during the test: place a "
                                    f"test call on it and run 'appliance selftest --only line-call-level'",
@@ -386,9 +386,14 @@ def _play_and_capture(ctx: Context, section: CaptureSection, device: str) -> Tak
 
     player = threading.Thread(target=play, name="selftest-tone", daemon=True)
     player.start()
+    single = len(ctx.cfg.capture) == 1
     try:
         time.sleep(0.2)  # let the tone reach the plug before the take starts
-        return capture_take(section, ctx.capture_s, single_stream=len(ctx.cfg.capture) == 1)
+        if capture_status(ctx.cfg, section) is not None:
+            # Recording goes on: the tone is taken from the journal once it has been captured.
+            time.sleep(ctx.capture_s)
+            return journal_take(ctx.cfg, section, ctx.capture_s, single_stream=single)
+        return capture_take(section, ctx.capture_s, single_stream=single)
     finally:
         stop.set()
         player.join(timeout=seconds + 2.0)
