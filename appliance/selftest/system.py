@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from appliance.buffer.check import check as check_journal_file
+from appliance.durable import ensure_dir
 from appliance.errors import ApplianceError, FormatError
 from appliance.selftest.context import Context
 from appliance.selftest.model import CheckResult, Verdict, grade
@@ -72,10 +73,12 @@ def check_disk_latency(ctx: Context) -> list[CheckResult]:
     limits = (f"slowest write+fdatasync: FAIL >= {sync_ms:.0f} ms (ring.sync_interval_ms), "
               f"WARN >= {sync_ms / 5:.0f} ms")
     folder = ctx.cfg.state_dir
-    if not folder.is_dir():
-        return [CheckResult("disk-latency", str(folder), Verdict.SKIP, None, "ms", limits,
-                            f"state folder {folder} does not exist yet: it is made on the first "
-                            "'appliance run'; rerun the self-test afterwards")]
+    try:
+        ensure_dir(folder)  # the box's own folder: the self-test keeps its result there too
+    except OSError as err:
+        return [CheckResult("disk-latency", str(folder), Verdict.FAIL, None, "ms", limits,
+                            f"cannot create the state folder {folder}: check paths.state_dir, its "
+                            "permissions and that the storage is mounted", str(err.strerror))]
     path = folder / f".selftest-latency-{os.getpid()}"
     block = os.urandom(4096)
     times: list[float] = []
