@@ -29,6 +29,9 @@ def selftest_command(cfg: Config, *, only: Sequence[str] | None, as_json: bool,
     """Start a self-test (or resume the waiting one with ``resume``) and report it."""
     interactive = (sys.stdin.isatty() and sys.stdout.isatty() and not as_json) if prompt is None \
         else prompt
+    if junit is not None and not junit.parent.is_dir():
+        raise UsageError(f"selftest: --junit {junit}: folder {junit.parent} does not exist "
+                         "(accepted: a file in an existing folder)")
     if resume:
         if only:
             raise UsageError("selftest: --continue resumes the waiting session as it was started; "

@@ -73,6 +73,8 @@ def test_unknown_check_is_bad_usage_naming_the_accepted(tmp_path: Path, asound_c
     assert not (tmp_path / "s" / "selftest" / "last.json").exists()
     p = run(["selftest", "--continue", "--config", str(cfg)], asound_conf)
     assert p.returncode == 2 and "no self-test session is waiting" in p.stderr
+    p = run(["selftest", "--junit", str(tmp_path / "no" / "x.xml"), "--config", str(cfg)], asound_conf)
+    assert p.returncode == 2 and "--junit" in p.stderr and p.stderr.count("\n") == 1
 
 
 def test_pass_exits_0_and_junit_lists_every_result(tmp_path: Path, asound_conf: Path) -> None:
