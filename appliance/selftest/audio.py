@@ -339,7 +339,7 @@ def _grade_loopback(take: Take, line: str, limits: str) -> CheckResult:
     freq, level, rest = found[ch]
     near = [i for i, (f, lv, r) in enumerate(found)
             if abs(f - TONE_HZ) / TONE_HZ <= FREQ_FAIL and lv - r >= TONE_SNR_DB]
-    detail = f"{freq:.1f} Hz at {level:.1f} dBFS, rest {rest:.1f} dBFS"
+    detail = f"{freq:.1f} Hz at {level:.1f} dBFS, rest {rest:.1f} dBFS; from {take.description}"
     if ch not in near:
         others = [take.line_ids[i] for i in near]
         hint = (f"the test tone arrived on line {', '.join(others)}, not on {line}: the wiring or "

@@ -135,3 +135,29 @@ def test_without_a_terminal_it_prints_snapshots(tmp_path: Path) -> None:
     assert "\x1b" not in p.stdout
     last = rows(p.stdout.strip().split("\n\n")[-1].splitlines())
     assert set(last) == {"L1", "L2", "L3", "L4"} and abs(level(last["L3"]) - -20.0) < 1.0
+
+
+def test_alarms_show_on_the_faulty_lines(tmp_path: Path) -> None:
+    """Clipping (a sine at twice full scale), 50 Hz hum at -25 dBFS, a 10 % DC offset and a
+    silent input each raise their indicator on their own line only."""
+    n = RATE * 10
+    t = np.arange(n) / RATE
+    rng = np.random.default_rng(5)
+    quiet = rng.standard_normal((n, 4)) * 10 ** (-80 / 20)
+    x = np.stack([np.clip(2.0 * np.sin(2 * np.pi * 440 * t), -1, 1),
+                  quiet[:, 1] + np.sqrt(2) * 10 ** (-25 / 20) * np.sin(2 * np.pi * 50 * t),
+                  quiet[:, 2] + 0.10,
+                  np.zeros(n)], axis=1)
+    wav = tmp_path / "faults.wav"
+    soundfile.write(str(wav), x, RATE, subtype="PCM_16")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[[capture]]\nsource = "wav"\nwav_path = "{wav}"\nrealtime = true\n')
+    p = subprocess.run([sys.executable, "-m", "appliance", "monitor", "--config", str(cfg),
+                        "--seconds", "2.5"], capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    r = rows(p.stdout.strip().split("\n\n")[-1].splitlines())
+    assert r["L1"].endswith("CLIP") and "HUM" not in r["L1"]
+    assert r["L2"].endswith("HUM50") and "CLIP" not in r["L2"]
+    assert r["L3"].endswith("DC") and "HUM" not in r["L3"]
+    assert r["L4"].endswith("NO SIGNAL")
