@@ -32,7 +32,13 @@ class LineReport:
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """(frames x channels int16 at 8000 or 16000 Hz, rate); other rates are resampled."""
+    """(frames x channels int16 at 8000 or 16000 Hz, rate); other rates are resampled to 8000."""
+    data, rate, _ = read_wav_with_rate(path)
+    return data, rate
+
+
+def read_wav_with_rate(path: Path) -> tuple[np.ndarray, int, int]:
+    """Like :func:`read_wav`, plus the file's own rate."""
     import soundfile
 
     try:
@@ -41,13 +47,14 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         # soundfile raises LibsndfileError (a RuntimeError) for unreadable or non-audio files.
         raise FormatError(f"{path}: not a readable WAV file ({str(err).splitlines()[0][:120]}); "
                           "accepted: a PCM WAV file") from err
+    file_rate = int(rate)
     if rate not in (8000, 16000):
         import soxr
 
         out = soxr.resample(data.astype(np.float32) / 32768.0, rate, 8000)
         data = np.clip(np.rint(np.asarray(out) * 32768.0), -32768, 32767).astype(np.int16)
         rate = 8000
-    return np.ascontiguousarray(data), int(rate)
+    return np.ascontiguousarray(data), int(rate), file_rate
 
 
 def analyze_line(cfg: Config, line_id: str, channel: int, x: np.ndarray, rate: int) -> LineReport:
@@ -108,17 +115,37 @@ def _event_out(e: dict[str, Any], line: str, rate: int) -> dict[str, Any]:
 
 
 def analyze(cfg: Config, path: Path) -> dict[str, Any]:
-    x, rate = read_wav(path)
+    x, rate, file_rate = read_wav_with_rate(path)
     lines = cfg.capture[0].line_ids(x.shape[1], single_stream=True)
     reports = [analyze_line(cfg, lid, ch, x[:, ch], rate) for ch, lid in enumerate(lines)]
     return {
         "file": str(path),
         "rate": rate,
+        "file_rate": file_rate,
         "seconds": round(x.shape[0] / rate, 3),
         "calls": sorted((c for r in reports for c in r.calls), key=lambda c: (c["start_s"], c["line"])),
         "events": sorted((e for r in reports for e in r.events), key=lambda e: (e["t_s"], e["line"])),
         "health": {r.line: r.health for r in reports},
     }
+
+
+def health_line(line: str, h: dict[str, Any]) -> str:
+    """One line of a channel's health, with the self-test's limits flagged."""
+    from appliance.selftest.audio import DC_WARN, HUM_WARN_DBM0
+    from appliance.selftest.signal import dbfs
+
+    flags = []
+    if h["clipped_samples"]:
+        flags.append("CLIPPING")
+    if h["hum_dbfs"] > dbfs(HUM_WARN_DBM0):
+        flags.append(f"HUM {h['hum_hz']} Hz")
+    if abs(h["dc_offset"]) >= DC_WARN:
+        flags.append("DC OFFSET")
+    if h["peak_dbfs"] <= -90.3:
+        flags.append("NO SIGNAL")
+    return (f"health {line:<6} floor {h['noise_floor_db']:6.1f} dBFS  peak {h['peak_dbfs']:6.1f} dBFS  "
+            f"clipped {h['clipped_samples']}  DC {h['dc_offset'] * 100:.2f} %  "
+            f"hum {h['hum_hz']} Hz {h['hum_dbfs']:6.1f} dBFS  {' '.join(flags) or 'ok'}")
 
 
 def analyze_command(cfg: Config, path: Path, *, as_json: bool) -> int:
@@ -128,8 +155,12 @@ def analyze_command(cfg: Config, path: Path, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
-    print(f"{result['file']}: {result['seconds']} s at {result['rate']} Hz, "
+    resampled = (f" (analysed at {result['rate']} Hz)"
+                 if result["file_rate"] != result["rate"] else "")
+    print(f"{result['file']}: {result['seconds']} s at {result['file_rate']} Hz{resampled}, "
           f"{len(result['health'])} line(s), {len(result['calls'])} call(s)")
+    for line, h in result["health"].items():
+        print(health_line(line, h))
     for c in result["calls"]:
         note = " (still open at the end)" if c.get("open_at_end") else ""
         print(f"call  {c['line']:<6} {c['start_s']:>10.3f} s .. {c['end_s']:>10.3f} s{note}")

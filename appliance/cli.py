@@ -79,12 +79,25 @@ def build_parser() -> OneLineParser:
     dev = sub.add_parser("devices", help="capture devices with their channels, rates and formats")
     dev.add_argument("--json", action="store_true")
 
-    smp = sub.add_parser("sample", help="record a short WAV through the capture path")
-    smp.add_argument("--device", required=True)
-    smp.add_argument("--channels", type=_positive_int)
-    smp.add_argument("--rate", type=_positive_int)
-    smp.add_argument("--seconds", type=_positive_float, required=True)
-    smp.add_argument("--out", type=Path, required=True)
+    smp = sub.add_parser(
+        "sample", help="record a short WAV through the capture path",
+        description="Records from an ALSA device through the capture path (format conversion, "
+                    "resampling) into a WAV holding what the journal would store: 16-bit PCM at "
+                    "the storage rate, one channel per line. Prints each channel's level.")
+    smp.add_argument("--device", required=True,
+                     help="ALSA PCM name (e.g. hw:CARD=U18,DEV=0) or card id; see 'appliance devices'")
+    smp.add_argument("--channels", type=_positive_int,
+                     help="channels to keep, the first N (default: every channel of the device)")
+    smp.add_argument("--rate", type=_positive_int,
+                     help="rate to open the device at, Hz (default: the device's preferred rate)")
+    smp.add_argument("--format", dest="sample_format", default="auto",
+                     choices=["auto", "S16_LE", "S24_3LE", "S24_LE", "S32_LE", "FLOAT_LE"],
+                     help="sample format to open the device with (default auto)")
+    smp.add_argument("--storage-rate", type=int, default=8000, choices=[8000, 16000],
+                     help="rate of the WAV written, as the journal stores it (default 8000)")
+    smp.add_argument("--seconds", type=_positive_float, required=True,
+                     help="length of the take, seconds (at most 3600)")
+    smp.add_argument("--out", type=Path, required=True, help="WAV file to write")
 
     keys = sub.add_parser("keys", help="the box's signing key")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=OneLineParser)
@@ -97,6 +110,28 @@ def build_parser() -> OneLineParser:
     ana.add_argument("wav", type=Path, metavar="FILE.wav")
     ana.add_argument("--config", type=Path)
     ana.add_argument("--json", action="store_true")
+
+    stest = sub.add_parser(
+        "selftest", help="the technician's hardware checks (PASS/WARN/FAIL with a hint each)",
+        description="Runs the hardware, line, storage, clock and network checks, prints one row "
+                    "per check, keeps the result under <state_dir>/selftest/last.json. Exit 0 when "
+                    "nothing failed, 1 when a check failed or a step waits for the technician.")
+    stest.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
+    stest.add_argument("--json", action="store_true", help="print the result as JSON")
+    stest.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML to FILE")
+    stest.add_argument("--only", nargs="+", metavar="CHECK",
+                       help="run only these checks (names as in hw-tests/CHECKS.md)")
+    stest.add_argument("--continue", dest="resume", action="store_true",
+                       help="resume the waiting session (after plugging the test plug, or a reboot)")
+    stest.add_argument("--no-prompt", action="store_true",
+                       help="never wait at the keyboard: stop at a manual step (resume with --continue)")
+
+    mon = sub.add_parser(
+        "monitor", help="live per-line meters, call state and DTMF (for wiring; needs no keys)",
+        description="Live view of every line: level meter (dBFS) with peak hold, noise floor, "
+                    "clipping and hum, call state, DTMF digits, alarms. Quit with q or Ctrl-C.")
+    mon.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
+    mon.add_argument("--seconds", type=_positive_float, help="stop after this long (default: until q)")
 
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
@@ -191,7 +226,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from appliance.audio.devices import sample_command
 
     return sample_command(device=args.device, channels=args.channels, rate=args.rate,
-                          seconds=args.seconds, out=args.out)
+                          seconds=args.seconds, out=args.out, sample_format=args.sample_format,
+                          storage_rate=args.storage_rate)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -221,6 +257,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return analyze_command(_config(args.config), args.wav, as_json=args.json)
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from appliance.selftest.command import selftest_command
+
+    return selftest_command(_config(args.config), only=args.only, as_json=args.json,
+                            junit=args.junit, resume=args.resume,
+                            prompt=False if args.no_prompt else None)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from appliance.monitor import monitor_command
+
+    return monitor_command(_config(args.config), seconds=args.seconds or 0.0)
+
+
 def cmd_buffer(args: argparse.Namespace) -> int:
     from appliance.buffer import buffer_check_command
 
@@ -238,6 +288,8 @@ COMMANDS = {
     "buffer": cmd_buffer,
     "keys": cmd_keys,
     "analyze": cmd_analyze,
+    "selftest": cmd_selftest,
+    "monitor": cmd_monitor,
 }
 
 

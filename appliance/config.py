@@ -238,6 +238,16 @@ class HealthSection(_Section):
         description="appliance run: on stop, let the uplink send the outbox for up to this")] = 10.0
 
 
+class SelftestSection(_Section):
+    """The technician's self-test (``appliance selftest``): see hw-tests/README.md."""
+
+    capture_s: Annotated[float, Field(ge=1.0, le=60.0, description="audio taken per line check")] = 3.0
+    playback_device: str = Field(
+        "", description="ALSA PCM that feeds the test plug for the loopback test; '' = no loopback")
+    loopback_lines: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]] = Field(
+        default_factory=list, description="lines tested with the test plug; empty = every line")
+
+
 class Config(_Section):
     device: DeviceSection = Field(default_factory=DeviceSection)
     paths: PathsSection = Field(default_factory=PathsSection)
@@ -247,6 +257,7 @@ class Config(_Section):
     seal: SealSection = Field(default_factory=SealSection)
     uplink: UplinkSection = Field(default_factory=UplinkSection)
     health: HealthSection = Field(default_factory=HealthSection)
+    selftest: SelftestSection = Field(default_factory=SelftestSection)
 
     @model_validator(mode="after")
     def _unique_streams(self) -> Config:

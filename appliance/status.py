@@ -223,6 +223,11 @@ def collect(cfg: Config, now: float | None = None) -> dict[str, Any]:
                 f"{backlog['oldest_age_s']:.0f} s (limit {limit:.0f} s)", cfg, "uplink",
                 severity="attention"))
 
+    # The technician's last self-test: appliance.selftest.store owns its format.
+    from appliance.selftest.store import status_summary
+
+    out["selftest"] = status_summary(cfg)
+
     if any(not s["running"] for s in stages.values()):
         out["verdict"] = "not running"
     elif alarms:
@@ -252,6 +257,9 @@ def _print_text(st: dict[str, Any]) -> None:
     b = st.get("backlog")
     if b:
         print(f"  outbox {b['segments']} segments, {b['bytes']} bytes, oldest {b['oldest_age_s']:.0f} s")
+    from appliance.selftest.store import status_summary_line
+
+    print(f"  {status_summary_line(st.get('selftest'))}")
     for a in st["alarms"]:
         word = "ATTENTION" if a["severity"] == "attention" else "ALARM"
         print(f"{word} {a['source']}: {a['alarm']}: {a['detail']}")

@@ -23,6 +23,7 @@ from typing import Any
 import alsaaudio
 import numpy as np
 
+from appliance.audio.alsalib import route_alsa_messages
 from appliance.audio.convert import FORMATS, Converter, FormatName, Int16Frames, storage_frames
 from appliance.audio.source import (
     Block,
@@ -37,6 +38,7 @@ from appliance.config import CaptureSection
 from appliance.errors import ConfigError
 
 log = logging.getLogger(__name__)
+route_alsa_messages()
 
 ALSAAudioError = alsaaudio.ALSAAudioError
 PCM_FORMATS: dict[str, int] = {name: getattr(alsaaudio, f"PCM_FORMAT_{name}") for name in FORMATS}

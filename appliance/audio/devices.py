@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,27 @@ def list_devices() -> list[DeviceRow]:
     return alsa_rows() + portaudio_rows()
 
 
+NO_CARD = ("no sound card found: only PCMs from the ALSA configuration are listed (such as "
+           "'null', which captures nothing real); check that the audio interface is plugged in and "
+           "powered ('lsusb'), that its driver loaded ('dmesg | tail', 'cat /proc/asound/cards'), "
+           "and that this user may open /dev/snd (group 'audio')")
+
+
+def sound_cards() -> list[str]:
+    """ALSA card ids present (kernel drivers), not counting PCMs defined in the configuration."""
+    try:
+        return [str(c) for c in alsaaudio.cards()]
+    except alsa.ALSAAudioError:
+        return []
+
+
 def devices_command(as_json: bool) -> int:
-    """Print the capture devices; exit 0 when there is at least one, 1 when there is none."""
+    """Print the capture devices; exit 0 when there is at least one, 1 when there is none.
+
+    Without a sound card it says so (on stderr with ``--json``, so the JSON stays a list)."""
     rows = list_devices()
+    if not sound_cards():
+        print(NO_CARD, file=sys.stderr if as_json else sys.stdout)
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=2, sort_keys=True))
     elif not rows:
@@ -144,13 +163,25 @@ def devices_command(as_json: bool) -> int:
     return 0 if any(not r.error for r in rows) else 1
 
 
+SAMPLE_FLAGS = {"channels": "--channels", "rate": "--rate", "sample_format": "--format",
+                "storage_rate": "--storage-rate", "device": "--device"}
+
+
+def _flag_message(message: str) -> str:
+    """A capture error in the words of ``appliance sample``'s flags, not config keys."""
+    for key, flag in SAMPLE_FLAGS.items():
+        message = message.replace(f"capture.{key} =", flag).replace(f"capture.{key}", flag)
+    return message
+
+
 def sample_command(
     device: str, channels: int | None, rate: int | None, seconds: float, out: Path,
     *, sample_format: str = "auto", storage_rate: int = 8000,
 ) -> int:
     """Record ``seconds`` from an ALSA ``device`` through the capture path to a WAV file.
 
-    The WAV holds what the journal would hold: int16 at the storage rate, one channel per line.
+    The WAV holds what the journal would hold: int16 at the storage rate (``storage_rate``),
+    one channel per line; ``rate`` is the rate the device is opened at.
     """
     try:
         section = CaptureSection.model_validate({
@@ -159,15 +190,20 @@ def sample_command(
         })
     except ValidationError as err:
         first = err.errors()[0]
-        raise UsageError(f"sample: {'.'.join(str(p) for p in first['loc'])}: {first['msg']} "
-                         f"(got {first.get('input')!r})") from err
+        key = str(first["loc"][0]) if first["loc"] else ""
+        raise UsageError(f"sample: {SAMPLE_FLAGS.get(key, key)} {first.get('input')!r}: "
+                         f"{first['msg']}") from err
     if not 0 < seconds <= 3600:
         raise UsageError(f"sample: --seconds {seconds}: expected more than 0 and at most 3600")
     src = alsa.AlsaSource.from_section(section)
     want = max(1, round(seconds * storage_rate))
     blocks: list[Block] = []
     got = 0
-    src.open(0)
+    try:
+        src.open(0)
+    except ApplianceError as err:
+        err.args = (_flag_message(str(err)),)
+        raise
     try:
         while got < want:
             try:
@@ -195,6 +231,9 @@ def sample_command(
         for i, (r, p) in enumerate(zip(rms, peaks, strict=True)))
     print(f"wrote {out}: {pcm.shape[1]} ch, {storage_rate} Hz, {pcm.shape[0] / storage_rate:.2f} s "
           f"from {src.description}")
+    if src.choice is not None and src.choice.rate != storage_rate:
+        print(f"the device ran at {src.choice.rate} Hz; the WAV holds what the journal stores, "
+              f"resampled to {storage_rate} Hz (--storage-rate 8000 or 16000)")
     print(f"levels dBFS rms/peak: {levels}")
     if lost:
         print(f"WARNING: {lost} frames lost to overruns during the take")
