@@ -24,7 +24,7 @@ from appliance.durable import atomic_write
 from appliance.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
 from appliance.seal import SealedSegment, audit_chain, open_segment_audio, verify_segment
 from central.home import Home, init_home, open_home
-from central.index import Index, rebuild_index
+from central.index import open_index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store, StoreError
 
@@ -133,7 +133,7 @@ def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
 
 def cmd_calls(home: Home, args: argparse.Namespace) -> int:
     since = _since_ns(args.since) if args.since else None
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         calls = index.calls(device=args.device, line=args.line, since_ns=since)
     if args.json:
         out = [
@@ -170,7 +170,7 @@ def cmd_calls(home: Home, args: argparse.Namespace) -> int:
 
 
 def cmd_segments(home: Home, args: argparse.Namespace) -> int:
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         segs = index.segments(device=args.device)
     if args.json:
         print(json.dumps(segs, indent=1))
@@ -195,7 +195,7 @@ def cmd_segments(home: Home, args: argparse.Namespace) -> int:
 
 
 def _call_rows(home: Home, call_id: str, device: str | None) -> list[dict[str, Any]]:
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         rows = index.call_segments(call_id, device)
     if not rows:
         where = f" on device {device}" if device else ""
@@ -325,7 +325,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
             {"device": dev, "kind": i.kind, "seq": i.seq, "detail": i.detail}
             for i in audit_chain(segs, home.public_keys())
         )
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         index_issues = [i for i in index.check(store) if args.device in (None, i.device)]
     quarantined = len(store.quarantine_entries())
     ok = not issues
@@ -358,7 +358,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
 def cmd_reindex(home: Home, args: argparse.Namespace) -> int:
     home.require_writable()
     count = rebuild_index(home)
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         problems = index.check(Store(home))
     print(f"index rebuilt from the store: {count} segment(s)")
     for p in problems:

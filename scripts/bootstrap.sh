@@ -9,6 +9,7 @@ APT_PACKAGES=(
   libasound2 libasound2-dev alsa-utils libportaudio2
   mosquitto mosquitto-clients
   age flac sox libsox-fmt-all opus-tools zstd openssl
+  postgresql-15 nginx
 )
 NEED_CMDS=(mosquitto age flac sox opusinfo zstd)
 

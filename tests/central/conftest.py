@@ -41,3 +41,6 @@ def make_box(home: Home) -> BoxFactory:
         return Box(device_id, key, home.recipients())
 
     return build
+
+
+from .pg_server import pg_dsn, pg_server  # noqa: E402, F401 - fixtures for the index tests
