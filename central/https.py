@@ -4,7 +4,8 @@ The second transport for segments (see docs/protocol.md, "HTTPS", and docs/centr
 Two processes, the deployment operators run for any TLS service facing many clients:
 
 * **nginx** terminates TLS. It requires a client certificate signed by the fleet CA
-  (``ssl_verify_client on``: a connection without one never gets past the handshake), bounds
+  (``ssl_verify_client on``: a request without one is answered 400 by nginx and never reaches
+  the application; a certificate from another CA fails the handshake), bounds
   connections (``worker_connections``), handshakes and headers (``client_header_timeout``), slow
   bodies (``client_body_timeout``), concurrent requests per box certificate (``limit_conn``)
   and body size (``client_max_body_size``), and streams each body to the application without
@@ -340,7 +341,7 @@ http {{
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_client_certificate {ca};
-        ssl_verify_client on;   # no certificate from the fleet CA: no TLS session at all
+        ssl_verify_client on;   # without a fleet certificate nothing reaches the intake
         ssl_verify_depth 2;
 
         location / {{
