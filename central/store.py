@@ -118,8 +118,9 @@ class Store:
         with self._locked(seg.device_id):
             if self.objects.exists(ref.manifest_key):
                 return self._already_stored(ref, seg)
-            # A payload without a manifest is a torn put: nothing names it, nothing acked it.
-            self.objects.discard_uncommitted(ref.payload_key)
+            if self.objects.exists(ref.payload_key):
+                # A payload without a manifest is a torn put: nothing names it or acked it.
+                self.objects.discard_uncommitted(ref.payload_key)
             try:
                 # write_once: durable (fsync / S3 answer) before it returns. Promise kept: the
                 # payload is whole before the manifest (the commit point) can name it.

@@ -86,6 +86,7 @@ class S3ObjectStore:
             "Key": self._key(key),
             "Body": data,
             "IfNoneMatch": "*",
+            "ChecksumAlgorithm": "SHA256",
             "ChecksumSHA256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
         }
         if self.object_lock:

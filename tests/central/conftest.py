@@ -44,3 +44,4 @@ def make_box(home: Home) -> BoxFactory:
 
 
 from .pg_server import pg_dsn, pg_server  # noqa: E402, F401 - fixtures for the index tests
+from .s3_server import s3_server  # noqa: E402, F401 - the S3 stand-in (moto's server mode)
