@@ -7,6 +7,7 @@ through boto3 exactly as to a real endpoint (``storage.endpoint_url``).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ class S3Stand:
 def s3_server() -> Iterator[S3Stand]:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
