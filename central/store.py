@@ -117,39 +117,34 @@ class Store:
         manifest_json = seg.signed_manifest_json()
         with self._locked(seg.device_id):
             if self.objects.exists(ref.manifest_key):
-                return self._already_stored(ref, seg)
+                if self._same_as_stored(ref, seg):
+                    return "duplicate"
+                old = self.load(seg.device_id, seg.seq)
+                reason = (
+                    f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
+                    f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
+                )
+                where = self.quarantine(
+                    seg.device_id, seg.seq, (manifest_json, seg.payload), reason
+                )
+                raise SegmentConflict(reason, where)
             if self.objects.exists(ref.payload_key):
                 # A payload without a manifest is a torn put: nothing names it or acked it.
                 self.objects.discard_uncommitted(ref.payload_key)
             try:
-                # write_once: durable (fsync / S3 answer) before it returns. Promise kept: the
-                # payload is whole before the manifest (the commit point) can name it.
+                # write_once is durable (fsync, or the S3 answer) before it returns. Promise
+                # kept: the payload is whole before the manifest (the commit point) names it.
                 self.objects.write_once(ref.payload_key, seg.payload)
                 # Promise kept: once this returns the segment survives a power cut: ack may go.
                 self.objects.write_once(ref.manifest_key, manifest_json)
-            except ObjectExists:
-                # A receiver without our lock (another machine) stored this seq meanwhile.
-                if not self.objects.exists(ref.manifest_key):
-                    raise StoreError(
-                        f"{self.location(ref.payload_key)} appeared during a put of "
-                        f"{seg.device_id}/{seg.seq}; try again"
-                    ) from None
-                return self._already_stored(ref, seg)
+            except ObjectExists as err:
+                # Another machine's receiver (not under our lock) is storing this seq: no ack
+                # now; the redelivery finds it stored and answers "duplicate" or "conflict".
+                raise StoreError(
+                    f"{self.location(str(err))} appeared during a put of "
+                    f"{seg.device_id}/{seg.seq}; try again"
+                ) from err
         return "stored"
-
-    def _already_stored(self, ref: StoredRef, seg: SealedSegment) -> PutResult:
-        """"duplicate" for the very segment stored at ``ref``; quarantine and raise otherwise."""
-        if self._same_as_stored(ref, seg):
-            return "duplicate"
-        old = self.load(seg.device_id, seg.seq)
-        reason = (
-            f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
-            f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
-        )
-        where = self.quarantine(
-            seg.device_id, seg.seq, (seg.signed_manifest_json(), seg.payload), reason
-        )
-        raise SegmentConflict(reason, where)
 
     def _same_as_stored(self, ref: StoredRef, seg: SealedSegment) -> bool:
         stored = self.objects.read(ref.manifest_key)
