@@ -341,13 +341,21 @@ class PgIndex(_IndexBase):
 
     def __init__(self, dsn: str, *, locate: Callable[[str], str] = _filesystem_location) -> None:
         import psycopg
-        from psycopg.rows import dict_row
 
         self._psycopg = psycopg
+        self._dsn = dsn
         self.locate = locate
         self.where = "PostgreSQL index"
+        self.db: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """(Re)connect and make sure the schema exists."""
+        from psycopg.rows import dict_row
+
+        psycopg = self._psycopg
         try:
-            self.db = psycopg.connect(dsn, row_factory=dict_row, connect_timeout=10,
+            self.db = psycopg.connect(self._dsn, row_factory=dict_row, connect_timeout=10,
                                       application_name="appliance-central")
             info = self.db.info
             self.where = f"PostgreSQL index {info.dbname} on {info.host}:{info.port}"
@@ -366,8 +374,16 @@ class PgIndex(_IndexBase):
     def __enter__(self) -> PgIndex:
         return self
 
+    def _alive(self) -> Any:
+        """The connection; a new one when the server dropped the old (restart, failover)."""
+        if self.db.closed or self.db.broken:
+            self.db.close()
+            self._connect()
+        return self.db
+
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         try:
+            self._alive()
             with self.db.transaction():
                 return list(self.db.execute(sql, tuple(args)).fetchall())
         except self._psycopg.Error as err:
@@ -375,6 +391,7 @@ class PgIndex(_IndexBase):
 
     def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
         try:
+            self._alive()
             with self.db.transaction(), self.db.cursor() as cur:
                 if replace_all:
                     cur.execute("DELETE FROM segments")

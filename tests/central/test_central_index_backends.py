@@ -16,8 +16,9 @@ from central.cli import main
 from central.home import Home, init_home
 from central.index import PgIndex, open_index
 from central.receiver import SegmentIntake
+from central.store import Store
 
-from .central_helpers import Box, known_signal
+from .central_helpers import DEVICE, Box, known_signal
 
 
 def receive(home: Home, segs: list[SealedSegment]) -> None:
@@ -148,3 +149,33 @@ def test_bad_index_and_storage_settings_exit_2_with_one_line(
         assert cli(home.root, "calls") == 2, text
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expect in err, (text, err)
+
+
+def test_postgresql_index_reconnects_after_the_server_dropped_it(
+        home: Home, box: Box, pg_dsn: str) -> None:
+    import psycopg
+
+    from central.index import IndexDbError
+
+    use_postgresql(home, pg_dsn)
+    segs = box.seal_call("c1", known_signal(1600), 2)
+    intake = SegmentIntake(home)
+    try:
+        first = intake.handle(segment_topic(DEVICE, 0), encode_wire(segs[0]))
+        assert first.ack is not None and first.ack.result == "stored"
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:  # a server restart, a failover
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'appliance-central'").fetchall()
+        assert killed == [(True,)]
+        # The receiver learns it on the next write: no ack (the broker keeps the message)...
+        with pytest.raises(IndexDbError):
+            intake.handle(segment_topic(DEVICE, 1), encode_wire(segs[1]))
+        # ...and the redelivery, on a new connection, completes the index.
+        again = intake.handle(segment_topic(DEVICE, 1), encode_wire(segs[1]))
+        assert again.ack is not None and again.ack.result == "duplicate"
+    finally:
+        intake.close()
+    with open_index(home) as index:
+        assert [r["seq"] for r in index.segments()] == [0, 1]
+        assert index.check(Store(home)) == []
