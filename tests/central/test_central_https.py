@@ -282,3 +282,71 @@ def test_attack_slow_bodies_idle_connections_large_bodies(
     # raise the peak by about one body (read back for verification, kept in quarantine).
     assert (after - before) << 10 < 2 * LARGE + (16 << 20), (before, after)
     assert all(v << 10 < 64 << 20 for v in proxies.values()), proxies
+
+
+def test_a_body_that_pauses_longer_than_the_bound_is_cut(intake: Intake) -> None:
+    sock = intake.tls_socket(ATTACKERS[0])
+    sock.sendall(b"PUT /v1/evil-1/seg/3 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nxx")
+    sock.settimeout(30)
+    answer = sock.recv(200)  # body_timeout_s = 3: nginx gives up on the request (408)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer
+    spool = intake.home.root / "incoming-https"
+    for _ in range(200):  # the application hears of it from the proxy, drops the spool file
+        if not any(spool.iterdir()):
+            break
+        time.sleep(0.05)
+    assert not any(spool.iterdir())
+
+
+def test_external_proxy_deployment_with_the_printed_site(
+        home: Home, box: Box, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator's way: ``serve-https --external-proxy`` plus an nginx they run with the
+    configuration ``https-proxy-config`` prints."""
+    from central.cli import main
+
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir(mode=0o700)
+    socket_path = sock_dir / "intake.sock"
+    app = subprocess.Popen(
+        [sys.executable, "-m", "central", "--home", str(home.root), "serve-https",
+         "--external-proxy", "--socket", str(socket_path), "--port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    nginx = None
+    try:
+        assert app.stderr is not None
+        for line in app.stderr:
+            if "serving the intake on" in line:
+                break
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        capsys.readouterr()
+        assert main(["--home", str(home.root), "https-proxy-config", "--listen",
+                     f"127.0.0.1:{port}", "--ca", str(pki.ca_cert), "--cert",
+                     str(pki.server_cert), "--key", str(pki.server_key), "--socket",
+                     str(socket_path)]) == 0
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(capsys.readouterr().out)
+        nginx = subprocess.Popen(
+            ["nginx", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log"),
+             "-g", f"daemon off; pid {tmp_path / 'pid'}; user root;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        running = Intake(app, port, home, pki)
+        seg = box.seal_call("c1", known_signal(800), 1)[0]
+        for _ in range(100):
+            try:
+                status, body = running.put(DEVICE, "/v1/box-1/seg/0", encode_wire(seg))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        assert status == 200 and Ack.decode(body).result == "stored"
+        assert running.put("box-2", "/v1/box-1/seg/0", encode_wire(seg))[0] == 403
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(10)
+        app.terminate()
+        assert app.wait(30) == 0
+        if app.stderr is not None:
+            app.stderr.close()
