@@ -152,6 +152,16 @@ def common_name_from_dn(dn: str) -> str | None:
 # -- the application -----------------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class IntakeApp:
     """The ASGI application behind the proxy, for one central home."""
 
@@ -159,10 +169,14 @@ class IntakeApp:
         self.home = home
         self.limits = limits or https_limits(home.config_path)
         self.intake = SegmentIntake(home)
-        self.spool = home.root / SPOOL_DIR
+        # One spool folder per process: two intakes may share a home (a restart overlapping).
+        spools = home.root / SPOOL_DIR
+        make_dirs(spools)
+        for folder in spools.iterdir():  # bodies of requests a dead intake never answered
+            if not (folder.name.isdigit() and _alive(int(folder.name))):
+                shutil.rmtree(folder, ignore_errors=True)
+        self.spool = spools / str(os.getpid())
         make_dirs(self.spool)
-        for leftover in self.spool.iterdir():  # bodies of requests never answered
-            leftover.unlink(missing_ok=True)
         self.counts = {"answered": 0, "refused": 0, "spool_full": 0, "cut": 0}
         self._spooled = 0  # bytes reserved by bodies being received or waiting
         self._one_at_a_time: asyncio.Semaphore | None = None
