@@ -190,6 +190,10 @@ def cmd_calls(home: Home, args: argparse.Namespace) -> int:
 def cmd_segments(home: Home, args: argparse.Namespace) -> int:
     with open_index(home) as index:
         segs = index.segments(device=args.device)
+    for s in segs:  # the index keeps file locations relative to the home; show usable paths
+        for col in ("manifest_path", "payload_path"):
+            if "://" not in s[col]:
+                s[col] = str(home.root.resolve() / s[col])
     if args.json:
         print(json.dumps(segs, indent=1))
         return 0
