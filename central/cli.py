@@ -132,11 +132,10 @@ def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.external_proxy:
-        print(f"serving the intake on {server.socket_path} (behind your proxy)", file=sys.stderr,
-              flush=True)
+        ready = f"serving the intake on {server.socket_path} (behind your proxy)"
     else:
-        print(f"serving HTTPS on {args.host}:{server.port}", file=sys.stderr, flush=True)
-    server.run(stop)
+        ready = f"serving HTTPS on {args.host}:{server.port}"
+    server.run(stop, on_ready=lambda: print(ready, file=sys.stderr, flush=True))
     return 0
 
 

@@ -519,8 +519,8 @@ class SegmentServer:
         if proxy.stderr is not None:
             proxy.stderr.close()
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set."""
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop`` is set; ``on_ready`` is called once requests are taken."""
         thread = threading.Thread(target=lambda: asyncio.run(self._uvicorn.serve()),
                                   name="https-intake", daemon=True)
         thread.start()
@@ -532,6 +532,8 @@ class SegmentServer:
                 time.sleep(0.02)
             if not self.external_proxy:
                 self._start_proxy()
+            if on_ready is not None:
+                on_ready()
             while not stop.wait(0.5):
                 if self._proxy is not None and self._proxy.poll() is not None:
                     log.error("nginx exited (%s); restarting it", self._proxy.returncode)

@@ -128,13 +128,10 @@ class Store:
                     seg.device_id, seg.seq, (manifest_json, seg.payload), reason
                 )
                 raise SegmentConflict(reason, where)
-            if self.objects.exists(ref.payload_key):
-                # A payload without a manifest is a torn put: nothing names it or acked it.
-                self.objects.discard_uncommitted(ref.payload_key)
             try:
                 # write_once is durable (fsync, or the S3 answer) before it returns. Promise
                 # kept: the payload is whole before the manifest (the commit point) names it.
-                self.objects.write_once(ref.payload_key, seg.payload)
+                self._write_payload(ref, seg.payload)
                 # Promise kept: once this returns the segment survives a power cut: ack may go.
                 self.objects.write_once(ref.manifest_key, manifest_json)
             except ObjectExists as err:
@@ -145,6 +142,17 @@ class Store:
                     f"{seg.device_id}/{seg.seq}; try again"
                 ) from err
         return "stored"
+
+    def _write_payload(self, ref: StoredRef, payload: bytes) -> None:
+        """Write the payload, or keep the one a torn put of this very segment left behind
+        (write_once made it whole and durable); a different one is discarded: no manifest
+        names it and nothing acknowledged it."""
+        if self.objects.exists(ref.payload_key):
+            left = self.objects.read(ref.payload_key)
+            if hashlib.sha256(left).digest() == hashlib.sha256(payload).digest():
+                return
+            self.objects.discard_uncommitted(ref.payload_key)
+        self.objects.write_once(ref.payload_key, payload)
 
     def _same_as_stored(self, ref: StoredRef, seg: SealedSegment) -> bool:
         stored = self.objects.read(ref.manifest_key)

@@ -103,3 +103,27 @@ def test_object_lock_policies(home: Home, s3_server: S3Stand,
     home.config_path.write_text(s3_server.toml("no-such-bucket"))
     assert cli(home, "verify") == 2
     assert "no-such-bucket does not exist" in capsys.readouterr().err
+
+
+def test_torn_puts_on_s3(home: Home, box: Box, s3_server: S3Stand) -> None:
+    """A receiver killed between payload and manifest leaves a payload no manifest names."""
+    bucket = s3_server.bucket(object_lock=True)
+    home.config_path.write_text(s3_server.toml(bucket))
+    segs = box.seal_call("c1", known_signal(1600), 2)
+    store = Store(home)
+    # The same segment again (the broker's redelivery): its whole payload is kept, not rewritten.
+    store.objects.write_once(store.ref(DEVICE, 0).payload_key, segs[0].payload)
+    # Another segment's bytes under seq 1 (a box that lost its state): discarded and replaced.
+    store.objects.write_once(store.ref(DEVICE, 1).payload_key, b"a payload nothing names")
+    assert [r.seq for r in store.iter_refs()] == []
+    assert store.put(segs[0]) == "stored" and store.put(segs[1]) == "stored"
+    s3 = s3_server.client()
+    versions = s3.list_object_versions(Bucket=bucket)
+    counts: dict[str, int] = {}
+    for v in versions["Versions"]:
+        counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    assert counts == {"box-1/000000000000.age": 1, "box-1/000000000000.manifest.json": 1,
+                      "box-1/000000000001.age": 2, "box-1/000000000001.manifest.json": 1}
+    # The discarded bytes stay under their retention, hidden behind a delete marker.
+    assert [m["Key"] for m in versions.get("DeleteMarkers", [])] == ["box-1/000000000001.age"]
+    assert store.load(DEVICE, 1).payload == segs[1].payload
