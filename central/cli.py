@@ -24,7 +24,7 @@ from appliance.durable import atomic_write
 from appliance.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
 from appliance.seal import SealedSegment, audit_chain, open_segment_audio, verify_segment
 from central.home import Home, init_home, open_home
-from central.index import Index, rebuild_index
+from central.index import open_index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store, StoreError
 
@@ -115,25 +115,42 @@ def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
     from central.https import SegmentServer
 
     home.require_writable()
-    for name in ("ca", "cert", "key"):
-        if not getattr(args, name).is_file():
-            raise ConfigError(f"--{name} file {getattr(args, name)} does not exist (a PEM file)")
+    if not args.external_proxy:
+        for name in ("ca", "cert", "key"):
+            value = getattr(args, name)
+            if value is None:
+                raise UsageError(f"--{name} is required (or --external-proxy)")
+            if not value.is_file():
+                raise ConfigError(f"--{name} file {value} does not exist (a PEM file)")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is out of range (0..65535)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = SegmentServer(home, host=args.host, port=args.port, ca=args.ca, cert=args.cert,
-                           key=args.key)
-    print(f"serving HTTPS on {args.host}:{server.port}", file=sys.stderr, flush=True)
+                           key=args.key, external_proxy=args.external_proxy,
+                           socket_path=args.socket)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.run(stop)
+    if args.external_proxy:
+        ready = f"serving the intake on {server.socket_path} (behind your proxy)"
+    else:
+        ready = f"serving HTTPS on {args.host}:{server.port}"
+    server.run(stop, on_ready=lambda: print(ready, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_https_proxy_config(home: Home, args: argparse.Namespace) -> int:
+    from central.https import RUN_DIR, SOCKET_NAME, https_limits, nginx_config
+
+    print(nginx_config(listen=args.listen, ca=args.ca, cert=args.cert, key=args.key,
+                       socket_path=args.socket or (home.root / RUN_DIR / SOCKET_NAME).resolve(),
+                       limits=https_limits(home.config_path)), end="")
     return 0
 
 
 def cmd_calls(home: Home, args: argparse.Namespace) -> int:
     since = _since_ns(args.since) if args.since else None
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         calls = index.calls(device=args.device, line=args.line, since_ns=since)
     if args.json:
         out = [
@@ -170,8 +187,12 @@ def cmd_calls(home: Home, args: argparse.Namespace) -> int:
 
 
 def cmd_segments(home: Home, args: argparse.Namespace) -> int:
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         segs = index.segments(device=args.device)
+    for s in segs:  # the index keeps file locations relative to the home; show usable paths
+        for col in ("manifest_path", "payload_path"):
+            if "://" not in s[col]:
+                s[col] = str(home.root.resolve() / s[col])
     if args.json:
         print(json.dumps(segs, indent=1))
         return 0
@@ -195,7 +216,7 @@ def cmd_segments(home: Home, args: argparse.Namespace) -> int:
 
 
 def _call_rows(home: Home, call_id: str, device: str | None) -> list[dict[str, Any]]:
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         rows = index.call_segments(call_id, device)
     if not rows:
         where = f" on device {device}" if device else ""
@@ -325,7 +346,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
             {"device": dev, "kind": i.kind, "seq": i.seq, "detail": i.detail}
             for i in audit_chain(segs, home.public_keys())
         )
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         index_issues = [i for i in index.check(store) if args.device in (None, i.device)]
     quarantined = len(store.quarantine_entries())
     ok = not issues
@@ -358,7 +379,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
 def cmd_reindex(home: Home, args: argparse.Namespace) -> int:
     home.require_writable()
     count = rebuild_index(home)
-    with Index(home.index_path) as index:
+    with open_index(home) as index:
         problems = index.check(Store(home))
     print(f"index rebuilt from the store: {count} segment(s)")
     for p in problems:
@@ -385,9 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")
-    p.add_argument("--ca", type=Path, required=True, help="CA that signs the boxes' certificates")
-    p.add_argument("--cert", type=Path, required=True, help="server certificate (PEM)")
-    p.add_argument("--key", type=Path, required=True, help="server key (PEM)")
+    p.add_argument("--ca", type=Path, help="CA that signs the boxes' certificates")
+    p.add_argument("--cert", type=Path, help="server certificate (PEM)")
+    p.add_argument("--key", type=Path, help="server key (PEM)")
+    p.add_argument("--external-proxy", action="store_true",
+                   help="run only the intake on its Unix socket, behind an nginx you run "
+                        "(see https-proxy-config)")
+    p.add_argument("--socket", type=Path, help="the intake's Unix socket (default: "
+                                               "HOME/run/https/intake.sock)")
+    p = sub.add_parser("https-proxy-config",
+                       help="print the nginx site that terminates mutual TLS for serve-https")
+    p.add_argument("--listen", default="443", help="nginx listen address (default 443)")
+    p.add_argument("--ca", type=Path, default=Path("/etc/appliance-central/fleet-ca.pem"))
+    p.add_argument("--cert", type=Path, default=Path("/etc/appliance-central/server.pem"))
+    p.add_argument("--key", type=Path, default=Path("/etc/appliance-central/server.key"))
+    p.add_argument("--socket", type=Path)
     p = sub.add_parser("calls", help="list recorded calls")
     p.add_argument("--device")
     p.add_argument("--line")
@@ -411,6 +444,7 @@ COMMANDS = {
     "enroll": cmd_enroll,
     "serve": cmd_serve,
     "serve-https": cmd_serve_https,
+    "https-proxy-config": cmd_https_proxy_config,
     "calls": cmd_calls,
     "segments": cmd_segments,
     "export": cmd_export,

@@ -36,6 +36,8 @@ from appliance.seal.identity import (
 from appliance.sync.protocol import DEVICE_ID_RE
 
 CONFIG_NAME = "central.toml"
+# Tables read by central.backends (storage, index) and central.https; checked there.
+BACKEND_TABLES = ("storage", "index", "https")
 
 
 def make_dirs(path: Path) -> None:
@@ -120,8 +122,9 @@ def parse_config(path: Path) -> BrokerConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     for top in raw:
-        if top not in ("broker", "receiver"):
-            raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver])")
+        if top not in ("broker", "receiver", *BACKEND_TABLES):
+            raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver], "
+                              "[storage], [index], [https])")
     broker = _check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
     receiver = _check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
     port = broker.get("port")

@@ -1,38 +1,48 @@
-"""The sqlite index of the archive: segments, and the calls derived from them.
+"""The index of the archive: segments, and the calls derived from them.
 
 The store is the truth; this index only makes finding things fast. ``rebuild_index`` recreates
-it from the store at any time, and ``Index.check`` lists where the two disagree. The database
-runs in WAL mode with ``synchronous=FULL`` so a committed row survives a power cut; a row may
-still lag the store (a crash between store and index), which ``check`` reports and a rebuild
-repairs.
+it from the store alone at any time (``appliance-central reindex``), and ``Index.check`` lists
+where the two disagree. Locations are kept as the storage backend names them: relative to the
+central home for the filesystem (``store/<dev>/<seq>.manifest.json``), so a copied or restored
+home keeps a valid index; ``s3://bucket/key`` for S3.
+
+Two backends, chosen by the ``[index]`` table of ``central.toml`` (see :mod:`central.backends`):
+
+* SQLite (the default), ``<home>/index.sqlite``, in WAL mode with ``synchronous=FULL`` so a
+  committed row survives a power cut;
+* PostgreSQL, shared by receivers on several machines (``dsn``), with ``synchronous_commit``
+  on.
+
+A row may still lag the store (a crash between store and index), which ``check`` reports and a
+rebuild repairs.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, VerificationError
 from appliance.seal import SealedSegment, verify_segment
+from central.backends import index_config, locator
 from central.home import Home
 from central.store import Store, StoredRef, StoreError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS segments (
+_COLUMNS_SQL = """
     device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
+    seq BIGINT NOT NULL,
     line TEXT NOT NULL,
     call_id TEXT NOT NULL,
     part INTEGER NOT NULL,
     last_part INTEGER NOT NULL,
-    start_frame INTEGER NOT NULL,
-    start_ns INTEGER NOT NULL,
-    end_ns INTEGER NOT NULL,
-    frames INTEGER NOT NULL,
+    start_frame BIGINT NOT NULL,
+    start_ns BIGINT NOT NULL,
+    end_ns BIGINT NOT NULL,
+    frames BIGINT NOT NULL,
     rate INTEGER NOT NULL,
     codec TEXT NOT NULL,
     manifest_path TEXT NOT NULL,
@@ -41,19 +51,34 @@ CREATE TABLE IF NOT EXISTS segments (
     manifest_sha256 TEXT NOT NULL,
     status TEXT NOT NULL,
     PRIMARY KEY (device, seq)
-);
-CREATE INDEX IF NOT EXISTS segments_call ON segments (call_id, device, part);
-CREATE VIEW IF NOT EXISTS calls AS
+"""
+
+# One definition for both engines (plain SQL, no engine-specific functions).
+_CALLS_SELECT = """
 SELECT device, line, call_id,
        MIN(start_ns) AS start_ns,
-       SUM(frames) AS frames,
+       CAST(SUM(frames) AS BIGINT) AS frames,
        MIN(rate) AS rate,
        COUNT(*) AS parts,
        (MIN(part) = 0 AND COUNT(DISTINCT part) = MAX(part) + 1 AND COUNT(*) = MAX(part) + 1
-        AND SUM(last_part) = 1 AND MAX(CASE WHEN last_part THEN part END) = MAX(part)
-        AND SUM(status <> 'ok') = 0) AS complete
-FROM segments GROUP BY device, line, call_id;
+        AND SUM(last_part) = 1 AND MAX(CASE WHEN last_part = 1 THEN part END) = MAX(part)
+        AND SUM(CASE WHEN status <> 'ok' THEN 1 ELSE 0 END) = 0) AS complete
+FROM segments GROUP BY device, line, call_id
 """
+
+SQLITE_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS segments ({_COLUMNS_SQL});
+CREATE INDEX IF NOT EXISTS segments_call ON segments (call_id, device, part);
+CREATE VIEW IF NOT EXISTS calls AS {_CALLS_SELECT};
+"""
+
+PG_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS segments ({_COLUMNS_SQL})",
+    "CREATE INDEX IF NOT EXISTS segments_call ON segments (call_id, device, part)",
+    f"CREATE OR REPLACE VIEW calls AS {_CALLS_SELECT}",
+)
+# Any constant: serialises schema creation between receivers starting at the same moment.
+PG_SCHEMA_LOCK = 0x6C696E6572656301
 
 SEGMENT_COLUMNS = (
     "device",
@@ -75,9 +100,16 @@ SEGMENT_COLUMNS = (
     "status",
 )
 
-# Built once from the fixed column names above (no user input reaches this text).
+# Built once from the fixed column names above (no user input reaches these texts).
 INSERT_SEGMENT = "INSERT OR REPLACE INTO segments ({}) VALUES ({})".format(  # noqa: S608
     ", ".join(SEGMENT_COLUMNS), ", ".join(f":{c}" for c in SEGMENT_COLUMNS)
+)
+PG_UPSERT_SEGMENT = (
+    "INSERT INTO segments ({}) VALUES ({}) ON CONFLICT (device, seq) DO UPDATE SET {}".format(  # noqa: S608
+        ", ".join(SEGMENT_COLUMNS),
+        ", ".join(f"%({c})s" for c in SEGMENT_COLUMNS),
+        ", ".join(f"{c} = EXCLUDED.{c}" for c in SEGMENT_COLUMNS[2:]),
+    )
 )
 
 
@@ -103,7 +135,7 @@ class CallRow:
 
 @dataclass(frozen=True)
 class IndexIssue:
-    """One disagreement between index and store (kinds: missing, stale, orphan)."""
+    """One disagreement between index and store (kinds: missing, stale, orphan, unreadable)."""
 
     kind: str
     device: str
@@ -111,7 +143,14 @@ class IndexIssue:
     detail: str
 
 
-def segment_row(seg: SealedSegment, ref: StoredRef, status: str) -> dict[str, Any]:
+def _filesystem_location(key: str) -> str:
+    return f"store/{key}"
+
+
+def segment_row(
+    seg: SealedSegment, ref: StoredRef, status: str,
+    locate: Callable[[str], str] = _filesystem_location,
+) -> dict[str, Any]:
     """The index row of a stored segment, from its manifest."""
     m = seg.manifest
     return {
@@ -127,8 +166,8 @@ def segment_row(seg: SealedSegment, ref: StoredRef, status: str) -> dict[str, An
         "frames": int(m["frames"]),
         "rate": int(m["sample_rate"]),
         "codec": str(m["codec"]),
-        "manifest_path": str(ref.manifest_path),
-        "payload_path": str(ref.payload_path),
+        "manifest_path": locate(ref.manifest_key),
+        "payload_path": locate(ref.payload_key),
         "payload_sha256": str(m["payload_sha256"]),
         "manifest_sha256": seg.manifest_sha256,
         "status": status,
@@ -150,69 +189,57 @@ def segment_status(home: Home, seg: SealedSegment) -> str:
     return "ok"
 
 
-class Index:
-    """A connection to ``home.index_path``. Not shared between threads concurrently."""
+class _IndexBase:
+    """What both engines answer; subclasses provide ``_query`` and ``add_rows``."""
 
-    def __init__(self, path: Path, *, check_same_thread: bool = True) -> None:
-        self.path = path
-        try:
-            self.db = sqlite3.connect(path, timeout=30, check_same_thread=check_same_thread)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # Durability: FULL syncs the WAL at every commit: an indexed row survives a power cut.
-            self.db.execute("PRAGMA synchronous=FULL")
-            with self.db:
-                self.db.executescript(SCHEMA)
-        except sqlite3.Error as err:
-            raise IndexDbError(
-                f"{path}: cannot open the index: {err} (rebuild it: reindex)"
-            ) from err
+    where: str
+    locate: Callable[[str], str]
+    placeholder = "?"
 
     def close(self) -> None:
-        self.db.close()
+        raise NotImplementedError
 
-    def __enter__(self) -> Index:
+    def __enter__(self) -> _IndexBase:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, seg: SealedSegment, ref: StoredRef, status: str = "ok") -> None:
-        self.add_rows([segment_row(seg, ref, status)])
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
-        try:
-            with self.db:
-                if replace_all:
-                    self.db.execute("DELETE FROM segments")
-                self.db.executemany(INSERT_SEGMENT, rows)
-        except sqlite3.Error as err:
-            raise IndexDbError(f"{self.path}: cannot write the index: {err}") from err
+        raise NotImplementedError
+
+    def add(self, seg: SealedSegment, ref: StoredRef, status: str = "ok") -> None:
+        self.add_rows([segment_row(seg, ref, status, self.locate)])
 
     def segments(self, device: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM segments"
         args: tuple[Any, ...] = ()
         if device is not None:
-            sql += " WHERE device = ?"
+            sql += f" WHERE device = {self.placeholder}"
             args = (device,)
-        return [dict(r) for r in self.db.execute(sql + " ORDER BY device, seq", args)]
+        return self._query(sql + " ORDER BY device, seq", args)
 
     def call_segments(self, call_id: str, device: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM segments WHERE call_id = ?"
+        p = self.placeholder
+        sql = f"SELECT * FROM segments WHERE call_id = {p}"  # noqa: S608 - fixed text
         args: tuple[Any, ...] = (call_id,)
         if device is not None:
-            sql += " AND device = ?"
+            sql += f" AND device = {p}"
             args += (device,)
-        return [dict(r) for r in self.db.execute(sql + " ORDER BY device, part, seq", args)]
+        return self._query(sql + " ORDER BY device, part, seq", args)
 
     def calls(
         self, device: str | None = None, line: str | None = None, since_ns: int | None = None
     ) -> list[CallRow]:
+        p = self.placeholder
         where, args = [], []
         for clause, value in (
-            ("device = ?", device),
-            ("line = ?", line),
-            ("start_ns >= ?", since_ns),
+            (f"device = {p}", device),
+            (f"line = {p}", line),
+            (f"start_ns >= {p}", since_ns),
         ):
             if value is not None:
                 where.append(clause)
@@ -224,13 +251,13 @@ class Index:
                 device=r["device"],
                 line=r["line"],
                 call_id=r["call_id"],
-                start_ns=r["start_ns"],
-                frames=r["frames"],
-                rate=r["rate"],
-                parts=r["parts"],
+                start_ns=int(r["start_ns"]),
+                frames=int(r["frames"]),
+                rate=int(r["rate"]),
+                parts=int(r["parts"]),
                 complete=bool(r["complete"]),
             )
-            for r in self.db.execute(sql + " ORDER BY start_ns, device, call_id", args)
+            for r in self._query(sql + " ORDER BY start_ns, device, call_id", args)
         ]
 
     def check(self, store: Store) -> list[IndexIssue]:
@@ -249,10 +276,14 @@ class Index:
             except StoreError as err:
                 issues.append(IndexIssue("unreadable", ref.device_id, ref.seq, str(err)))
                 continue
-            if row["manifest_sha256"] != sha or row["manifest_path"] != str(ref.manifest_path):
-                issues.append(
-                    IndexIssue("stale", ref.device_id, ref.seq, "index row differs from store")
-                )
+            if row["manifest_sha256"] != sha:
+                issues.append(IndexIssue("stale", ref.device_id, ref.seq,
+                                         "index row names another manifest than the store"))
+            elif (row["manifest_path"], row["payload_path"]) != (
+                store.location(ref.manifest_key), store.location(ref.payload_key)
+            ):
+                issues.append(IndexIssue("stale", ref.device_id, ref.seq,
+                                         f"index row points at {row['manifest_path']}"))
         issues.extend(
             IndexIssue("orphan", dev, seq, "indexed but not in the store")
             for dev, seq in sorted(indexed)
@@ -260,27 +291,155 @@ class Index:
         return issues
 
 
+class Index(_IndexBase):
+    """The SQLite index at ``path``. Not shared between threads concurrently."""
+
+    def __init__(self, path: Path, *, check_same_thread: bool = True,
+                 locate: Callable[[str], str] = _filesystem_location) -> None:
+        self.path = path
+        self.where = str(path)
+        self.locate = locate
+        try:
+            self.db = sqlite3.connect(path, timeout=30, check_same_thread=check_same_thread)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # Durability: FULL syncs the WAL at every commit: an indexed row survives a power cut.
+            self.db.execute("PRAGMA synchronous=FULL")
+            with self.db:
+                self.db.executescript(SQLITE_SCHEMA)
+        except sqlite3.Error as err:
+            raise IndexDbError(
+                f"{path}: cannot open the index: {err} (rebuild it: reindex)"
+            ) from err
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            return [dict(r) for r in self.db.execute(sql, tuple(args))]
+        except sqlite3.Error as err:
+            raise IndexDbError(f"{self.path}: cannot read the index: {err}") from err
+
+    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
+        try:
+            with self.db:
+                if replace_all:
+                    self.db.execute("DELETE FROM segments")
+                self.db.executemany(INSERT_SEGMENT, rows)
+        except sqlite3.Error as err:
+            raise IndexDbError(f"{self.path}: cannot write the index: {err}") from err
+
+
+class PgIndex(_IndexBase):
+    """The PostgreSQL index named by ``dsn``; several receivers may share it."""
+
+    placeholder = "%s"
+
+    def __init__(self, dsn: str, *, locate: Callable[[str], str] = _filesystem_location) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self.locate = locate
+        self.where = "PostgreSQL index"
+        self.db: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """(Re)connect and make sure the schema exists."""
+        from psycopg.rows import dict_row
+
+        psycopg = self._psycopg
+        try:
+            self.db = psycopg.connect(self._dsn, row_factory=dict_row, connect_timeout=10,
+                                      application_name="appliance-central")
+            info = self.db.info
+            self.where = f"PostgreSQL index {info.dbname} on {info.host}:{info.port}"
+            with self.db.transaction():
+                # Durability: COMMIT returns only once the WAL is flushed on the server.
+                self.db.execute("SET synchronous_commit = on")
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (PG_SCHEMA_LOCK,))
+                for statement in PG_SCHEMA:
+                    self.db.execute(statement)
+        except psycopg.Error as err:
+            raise IndexDbError(f"{self.where}: cannot open the index: {_one_line(err)}") from err
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> PgIndex:
+        return self
+
+    def _alive(self) -> Any:
+        """The connection; a new one when the server dropped the old (restart, failover)."""
+        if self.db.closed or self.db.broken:
+            self.db.close()
+            self._connect()
+        return self.db
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            self._alive()
+            with self.db.transaction():
+                return list(self.db.execute(sql, tuple(args)).fetchall())
+        except self._psycopg.Error as err:
+            raise IndexDbError(f"{self.where}: cannot read the index: {_one_line(err)}") from err
+
+    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
+        try:
+            self._alive()
+            with self.db.transaction(), self.db.cursor() as cur:
+                if replace_all:
+                    cur.execute("DELETE FROM segments")
+                cur.executemany(PG_UPSERT_SEGMENT, list(rows))
+        except self._psycopg.Error as err:
+            raise IndexDbError(f"{self.where}: cannot write the index: {_one_line(err)}") from err
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+AnyIndex = Index | PgIndex
+
+
+def open_index(home: Home, *, check_same_thread: bool = True) -> AnyIndex:
+    """The index configured in ``home``'s central.toml (SQLite in the home by default)."""
+    cfg = index_config(home.config_path)
+    locate = locator(home.config_path, home.store_dir)
+    if cfg.backend == "postgresql":
+        assert cfg.dsn is not None  # noqa: S101 - index_config guarantees it
+        return PgIndex(cfg.dsn, locate=locate)
+    return Index(home.index_path, check_same_thread=check_same_thread, locate=locate)
+
+
 def rebuild_index(home: Home) -> int:
-    """Recreate the index from the store in one transaction; returns the number of segments.
+    """Recreate the index from the store alone in one transaction; returns the segment count.
 
     Every segment is re-verified against its enrolled key, so the status column is fresh.
-    An index file sqlite cannot open at all is moved aside (it is derived data) and replaced.
+    A SQLite file that cannot be opened at all is moved aside (it is derived data) and replaced.
     """
     store = Store(home)
     rows = []
     for ref in store.iter_refs():
         seg = store.load_ref(ref)
-        rows.append(segment_row(seg, ref, segment_status(home, seg)))
+        rows.append(segment_row(seg, ref, segment_status(home, seg), store.location))
     try:
-        index = Index(home.index_path)
+        index = open_index(home)
     except IndexDbError:
+        if index_config(home.config_path).backend != "sqlite" or not home.index_path.exists():
+            raise
         aside = home.index_path.with_name(f"index.sqlite.corrupt-{int(time.time())}")
         home.index_path.rename(aside)
         for suffix in ("-wal", "-shm"):
             extra = home.index_path.with_name(home.index_path.name + suffix)
             if extra.exists():
                 extra.rename(aside.with_name(aside.name + suffix))
-        index = Index(home.index_path)
+        index = open_index(home)
     with index:
         index.add_rows(rows, replace_all=True)
     return len(rows)

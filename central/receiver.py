@@ -51,7 +51,7 @@ from appliance.sync.protocol import (
     shared,
 )
 from central.home import Home, make_dirs
-from central.index import Index, IndexDbError
+from central.index import AnyIndex, IndexDbError, open_index
 from central.store import SegmentConflict, Store, StoreError
 
 log = logging.getLogger("central.receiver")
@@ -201,7 +201,7 @@ class SegmentIntake:
     def __init__(self, home: Home) -> None:
         self.home = home
         self.store = Store(home)
-        self.index: Index | None = None
+        self.index: AnyIndex | None = None
         self.counts = {"stored": 0, "duplicate": 0, "rejected": 0, "unanswered": 0}
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
@@ -241,7 +241,7 @@ class SegmentIntake:
             self.home.trust_announced_key(dev, str(nxt["key_id"]), str(nxt["public_b64"]), seq)
         ref = self.store.ref(dev, seq)
         if self.index is None:
-            self.index = Index(self.home.index_path, check_same_thread=False)
+            self.index = open_index(self.home, check_same_thread=False)
         self.index.add(seg, ref)
         if self._kill_countdown is not None and result == "stored":
             self._kill_countdown -= 1
@@ -306,7 +306,7 @@ class SegmentIntake:
                         f"stored seq {seq - 1} ({prev[:16]}...)"
                     )
             nxt_ref = self.store.ref(dev, seq + 1)
-            if nxt_ref.manifest_path.exists():
+            if self.store.objects.exists(nxt_ref.manifest_key):
                 nxt = self.store.load_ref(nxt_ref)
                 if nxt.manifest.get("prev_manifest_sha256") != seg.manifest_sha256:
                     raise Rejected(

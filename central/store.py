@@ -1,15 +1,17 @@
 """The durable archive: every accepted segment as its signed manifest plus its age payload.
 
-Files, per device ``<dev>`` and segment number ``<seq>``::
+Objects, per device ``<dev>`` and segment number ``<seq>``, in the storage backend chosen in
+``central.toml`` (:mod:`central.backends`: files under ``store/`` by default, or an S3 bucket)::
 
-    store/<dev>/<seq:012d>.age             the encrypted payload, written first
-    store/<dev>/<seq:012d>.manifest.json   the signed manifest, written last: the commit point
+    <dev>/<seq:012d>.age             the encrypted payload, written first
+    <dev>/<seq:012d>.manifest.json   the signed manifest, written last: the commit point
 
 A segment exists in the store exactly when its manifest file exists. Files are never
 overwritten and never deleted: an identical segment stored again is a "duplicate", a different
 segment claiming the same (device, seq) goes to ``quarantine/`` with a reason, beside the one
-already stored. A payload without a manifest is the torn tail of an interrupted ``put`` and is
-replaced by the next ``put`` of that segment (nothing was acknowledged for it).
+already stored. Objects are written once and never replaced (the backend refuses to). A payload
+without a manifest is the torn tail of an interrupted ``put``: the next ``put`` of that segment
+discards it and writes its own (nothing was acknowledged for it).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from appliance.durable import atomic_write
 from appliance.errors import ApplianceError, FormatError, VerificationError
 from appliance.seal import SealedSegment
 from appliance.sync.protocol import DEVICE_ID_RE
+from central.backends import ObjectExists, ObjectStore, open_object_store
 from central.home import Home, make_dirs
 
 PutResult = Literal["stored", "duplicate"]
 MANIFEST_SUFFIX = ".manifest.json"
 PAYLOAD_SUFFIX = ".age"
-_NAME_RE = re.compile(r"^(\d{12})\.manifest\.json$")
+_NAME_RE = re.compile(r"^([0-9]{12})\.manifest\.json$")
 
 
 class StoreError(ApplianceError):
@@ -56,24 +59,19 @@ class StoredRef:
 
     device_id: str
     seq: int
-    manifest_path: Path
+    manifest_path: Path  # where the filesystem backend keeps it (absent with other backends)
     payload_path: Path
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    manifest_key: str  # the backend's object key
+    payload_key: str
 
 
 class Store:
     """The archive under ``home.store_dir``; safe to share between receiver processes."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, objects: ObjectStore | None = None) -> None:
         self.home = home
         self.root = home.store_dir
+        self.objects = objects or open_object_store(home.config_path, home.store_dir)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -82,16 +80,18 @@ class Store:
             raise FormatError(f"device id {dev!r} is invalid (letters, digits, '_.-', max 63)")
         if seq < 0:
             raise FormatError(f"segment number {seq} is negative")
-        folder = self.root / dev
+        manifest_key = f"{dev}/{seq:012d}{MANIFEST_SUFFIX}"
+        payload_key = f"{dev}/{seq:012d}{PAYLOAD_SUFFIX}"
         return StoredRef(
-            dev,
-            seq,
-            folder / f"{seq:012d}{MANIFEST_SUFFIX}",
-            folder / f"{seq:012d}{PAYLOAD_SUFFIX}",
+            dev, seq, self.root / manifest_key, self.root / payload_key, manifest_key, payload_key
         )
 
+    def location(self, key: str) -> str:
+        """Where an object lives, as kept in the index (relative to the home for files)."""
+        return self.objects.location(key)
+
     def exists(self, dev: str, seq: int) -> bool:
-        return self.ref(dev, seq).manifest_path.exists()
+        return self.objects.exists(self.ref(dev, seq).manifest_key)
 
     @contextlib.contextmanager
     def _locked(self, dev: str) -> Iterator[None]:
@@ -116,7 +116,7 @@ class Store:
         ref = self.ref(seg.device_id, seg.seq)
         manifest_json = seg.signed_manifest_json()
         with self._locked(seg.device_id):
-            if ref.manifest_path.exists():
+            if self.objects.exists(ref.manifest_key):
                 if self._same_as_stored(ref, seg):
                     return "duplicate"
                 old = self.load(seg.device_id, seg.seq)
@@ -128,19 +128,39 @@ class Store:
                     seg.device_id, seg.seq, (manifest_json, seg.payload), reason
                 )
                 raise SegmentConflict(reason, where)
-            # atomic_write: temp file + fsync + rename + folder fsync. Promise kept: the payload
-            # is whole on disk before the manifest (the commit point) can name it.
-            atomic_write(ref.payload_path, seg.payload)
-            # Promise kept: once this returns the segment survives a power cut, so an ack may go.
-            atomic_write(ref.manifest_path, manifest_json)
+            try:
+                # write_once is durable (fsync, or the S3 answer) before it returns. Promise
+                # kept: the payload is whole before the manifest (the commit point) names it.
+                self._write_payload(ref, seg.payload)
+                # Promise kept: once this returns the segment survives a power cut: ack may go.
+                self.objects.write_once(ref.manifest_key, manifest_json)
+            except ObjectExists as err:
+                # Another machine's receiver (not under our lock) is storing this seq: no ack
+                # now; the redelivery finds it stored and answers "duplicate" or "conflict".
+                raise StoreError(
+                    f"{self.location(str(err))} appeared during a put of "
+                    f"{seg.device_id}/{seg.seq}; try again"
+                ) from err
         return "stored"
 
+    def _write_payload(self, ref: StoredRef, payload: bytes) -> None:
+        """Write the payload, or keep the one a torn put of this very segment left behind
+        (write_once made it whole and durable); a different one is discarded: no manifest
+        names it and nothing acknowledged it."""
+        if self.objects.exists(ref.payload_key):
+            left = self.objects.read(ref.payload_key)
+            if hashlib.sha256(left).digest() == hashlib.sha256(payload).digest():
+                return
+            self.objects.discard_uncommitted(ref.payload_key)
+        self.objects.write_once(ref.payload_key, payload)
+
     def _same_as_stored(self, ref: StoredRef, seg: SealedSegment) -> bool:
-        stored = ref.manifest_path.read_bytes()
+        stored = self.objects.read(ref.manifest_key)
+        payload = self.objects.read(ref.payload_key)
         if stored == seg.signed_manifest_json():
-            return _sha256_file(ref.payload_path) == hashlib.sha256(seg.payload).hexdigest()
+            return hashlib.sha256(payload).digest() == hashlib.sha256(seg.payload).digest()
         try:
-            old = SealedSegment.from_parts(stored, ref.payload_path.read_bytes())
+            old = SealedSegment.from_parts(stored, payload)
         except FormatError:
             return False
         return bool(
@@ -186,8 +206,8 @@ class Store:
 
     def load_ref(self, ref: StoredRef) -> SealedSegment:
         try:
-            manifest_json = ref.manifest_path.read_bytes()
-            payload = ref.payload_path.read_bytes()
+            manifest_json = self.objects.read(ref.manifest_key)
+            payload = self.objects.read(ref.payload_key)
         except FileNotFoundError as err:
             raise StoreError(
                 f"segment {ref.device_id}/{ref.seq} is not in the store ({err.filename} missing)"
@@ -197,7 +217,7 @@ class Store:
         try:
             return SealedSegment.from_parts(manifest_json, payload)
         except FormatError as err:
-            raise StoreError(f"{ref.manifest_path}: {err}") from err
+            raise StoreError(f"{self.location(ref.manifest_key)}: {err}") from err
 
     def load(self, dev: str, seq: int) -> SealedSegment:
         return self.load_ref(self.ref(dev, seq))
@@ -205,25 +225,20 @@ class Store:
     def manifest_sha256(self, dev: str, seq: int) -> str | None:
         """The stored segment's manifest hash, or None when (dev, seq) is not stored."""
         ref = self.ref(dev, seq)
-        if not ref.manifest_path.exists():
+        if not self.objects.exists(ref.manifest_key):
             return None
         return str(self.load_ref(ref).manifest_sha256)
 
     def devices(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and DEVICE_ID_RE.match(p.name)
-        )
+        return [name for name in self.objects.list_devices() if DEVICE_ID_RE.match(name)]
 
     def iter_refs(self, dev: str | None = None) -> Iterator[StoredRef]:
         """Committed segments (manifest present), by device then seq."""
         for device in [dev] if dev is not None else self.devices():
-            folder = self.root / device
-            if not folder.is_dir():
-                continue
             seqs = sorted(
-                int(m.group(1)) for p in folder.iterdir() if (m := _NAME_RE.match(p.name))
+                int(m.group(1))
+                for name in self.objects.list_names(device)
+                if (m := _NAME_RE.match(name))
             )
             for seq in seqs:
                 yield self.ref(device, seq)

@@ -9,9 +9,9 @@ APT_PACKAGES=(
   libasound2 libasound2-dev alsa-utils libportaudio2
   mosquitto mosquitto-clients
   age flac sox libsox-fmt-all opus-tools zstd openssl
-  tmux
+  tmux postgresql-15 nginx
 )
-NEED_CMDS=(mosquitto age flac sox opusinfo zstd)
+NEED_CMDS=(mosquitto age flac sox opusinfo zstd nginx)
 
 missing_packages() {
   local missing=()
@@ -39,7 +39,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
 else
   for cmd in "${NEED_CMDS[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || {
-      echo "bootstrap: not a Debian/Ubuntu machine and '$cmd' is missing: install mosquitto, age, flac, sox, opus-tools, zstd, ALSA and PortAudio libraries with your package manager, then retry" >&2
+      echo "bootstrap: not a Debian/Ubuntu machine and '$cmd' is missing: install mosquitto, age, flac, sox, opus-tools, zstd, nginx, PostgreSQL 15 (for the index tests), ALSA and PortAudio libraries with your package manager, then retry" >&2
       exit 1
     }
   done

@@ -41,3 +41,7 @@ def make_box(home: Home) -> BoxFactory:
         return Box(device_id, key, home.recipients())
 
     return build
+
+
+from .pg_server import pg_dsn, pg_server  # noqa: E402, F401 - fixtures for the index tests
+from .s3_server import s3_server  # noqa: E402, F401 - the S3 stand-in (moto's server mode)

@@ -1,0 +1,85 @@
+"""The filesystem storage backend: one read-only file per object under ``<home>/store``.
+
+An object is written to a temporary sibling, fsynced, made read-only (0444) and then linked
+to its name with ``link(2)``, which fails when the name exists: a stored file is never
+overwritten, not even by a racing receiver process. The folder is fsynced after the link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from appliance.durable import tmp_name
+from central.backends import ObjectExists
+from central.home import make_dirs
+
+READ_ONLY = 0o444
+
+
+class FsObjectStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def write_once(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        make_dirs(path.parent)
+        # The store writes a key only under its per-device lock, so one temporary name per key
+        # suffices; a leftover from a crash is truncated and reused.
+        tmp = tmp_name(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, READ_ONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            # Durability: the bytes are on disk before the link makes the object visible.
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces: EEXIST when the object is already there
+        except FileExistsError as err:
+            raise ObjectExists(key) from err
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # Durability: the new name survives a power cut only once the folder is synced.
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard_uncommitted(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(key))
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def list_devices(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def list_names(self, device: str) -> list[str]:
+        folder = self.root / device
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir())
+
+    def location(self, key: str) -> str:
+        return f"{self.root.name}/{key}"
