@@ -15,7 +15,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check appliance central tests bench
+	$(VENV)/bin/ruff check appliance central linerec_contract tests bench
 	$(VENV)/bin/mypy
 
 bench: setup

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from appliance import __version__
 from appliance.config import Config, load_config
-from appliance.errors import ApplianceError, UsageError
+from linerec_contract.errors import ApplianceError, UsageError
 
 log = logging.getLogger("appliance")
 
@@ -149,7 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     pubkey = args.pubkey
     if pubkey is None:
-        from appliance.seal import DeviceKey
+        from linerec_contract.identity import DeviceKey
 
         pubkey = DeviceKey.load(_config(args.config).keys_dir / "device.key").public_b64
     return verify_command(args.segments, pubkey, as_json=args.json)
@@ -170,7 +170,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from appliance.recorder.service import NEXT_KEY_FILE
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     cfg = _config(args.config)
     if args.keys_command == "show":

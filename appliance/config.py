@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_capture_stage(cfg: Config, stream_name: str, stop: threading.Event) -> N
 
 def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.recorder.service import Recorder
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")

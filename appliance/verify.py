@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import FormatError, VerificationError
+from linerec_contract.errors import FormatError, VerificationError
 
 
 def verify_command(paths: list[Path], public_b64: str, *, as_json: bool) -> int:
-    from appliance.seal import SealedSegment, audit_chain, decode_wire, verify_segment
+    from linerec_contract.segment import SealedSegment, decode_wire
+    from linerec_contract.verify import audit_chain, verify_segment
 
     results: list[dict[str, Any]] = []
     good: list[SealedSegment] = []

@@ -20,13 +20,14 @@ from typing import Any, NoReturn
 import numpy as np
 import soundfile as sf
 
-from appliance.durable import atomic_write
-from appliance.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
-from appliance.seal import SealedSegment, audit_chain, open_segment_audio, verify_segment
 from central.home import Home, init_home, open_home
 from central.index import Index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store, StoreError
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import audit_chain, open_segment_audio, verify_segment
 
 PROG = "appliance-central"
 

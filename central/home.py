@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.durable import atomic_write, atomic_write_json, fsync_dir
-from appliance.errors import ConfigError, FormatError, StateDirError
-from appliance.seal.identity import (
+from linerec_contract.durable import atomic_write, atomic_write_json, fsync_dir
+from linerec_contract.errors import ConfigError, FormatError, StateDirError
+from linerec_contract.identity import (
     decode_public,
     generate_age_identity,
     key_id_for_public,
@@ -33,7 +33,7 @@ from appliance.seal.identity import (
     recipient_of,
     write_age_identity,
 )
-from appliance.sync.protocol import DEVICE_ID_RE
+from linerec_contract.protocol import DEVICE_ID_RE
 
 CONFIG_NAME = "central.toml"
 

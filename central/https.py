@@ -23,12 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from appliance.pki import tls_context
-from appliance.sync.protocol import HTTPS_PATH_RE, MAX_SEGMENT_BYTES, segment_topic
 from central.home import Home
 from central.index import IndexDbError
 from central.receiver import SegmentIntake
 from central.store import StoreError
+from linerec_contract.protocol import HTTPS_PATH_RE, MAX_SEGMENT_BYTES, segment_topic
+from linerec_contract.tls import tls_context
 
 log = logging.getLogger("central.https")
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, VerificationError
-from appliance.seal import SealedSegment, verify_segment
 from central.home import Home
 from central.store import Store, StoredRef, StoreError
+from linerec_contract.errors import ApplianceError, VerificationError
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import verify_segment
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (

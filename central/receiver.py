@@ -40,9 +40,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal import SealedSegment, decode_wire, verify_segment
-from appliance.sync.protocol import (
+from central.home import Home, make_dirs
+from central.index import Index, IndexDbError
+from central.store import SegmentConflict, Store, StoreError
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.protocol import (
     SEGMENT_SUBSCRIPTION,
     Ack,
     ChunkInfo,
@@ -50,9 +52,8 @@ from appliance.sync.protocol import (
     parse_segment_topic,
     shared,
 )
-from central.home import Home, make_dirs
-from central.index import Index, IndexDbError
-from central.store import SegmentConflict, Store, StoreError
+from linerec_contract.segment import SealedSegment, decode_wire
+from linerec_contract.verify import verify_segment
 
 log = logging.getLogger("central.receiver")
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.durable import atomic_write
-from appliance.errors import ApplianceError, FormatError, VerificationError
-from appliance.seal import SealedSegment
-from appliance.sync.protocol import DEVICE_ID_RE
 from central.home import Home, make_dirs
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import ApplianceError, FormatError, VerificationError
+from linerec_contract.protocol import DEVICE_ID_RE
+from linerec_contract.segment import SealedSegment
 
 PutResult = Literal["stored", "duplicate"]
 MANIFEST_SUFFIX = ".manifest.json"

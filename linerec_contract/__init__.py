@@ -1,59 +1,20 @@
-"""Sealed segments: codec, age encryption, Ed25519 signature, hash-chained manifest, wire format.
+"""The contract between a recording box and the central archive, imported by both sides.
 
-The format is specified in ``docs/segment-format.md``. Modules, by job:
-``canonical`` (the JSON that is signed), ``identity`` (device and age keys), ``codec`` (audio
-files), ``manifest`` (schema), ``segment`` (sealing and the wire container), ``verify``
-(signature, hash and chain checks).
+Everything both ends must agree on lives here and nowhere else, so a change to the recorder
+cannot silently break central and central never imports the box's internals (nor the capture
+libraries they need). Modules, by job:
+
+``errors``      the exception hierarchy (one-line messages, exit codes)
+``durable``     durable-file helpers (the fsync discipline)
+``canonical``   the canonical JSON that is signed
+``identity``    device signing keys and age identities
+``codec``       the audio codecs a payload may use
+``manifest``    the manifest schema
+``segment``     sealing and the wire container
+``verify``      signature, payload-hash and chain checks
+``trust``       which key may sign segment N of device D
+``protocol``    MQTT topics, messages and their parsing (docs/protocol.md)
+``tls``         TLS contexts for both ends of a link
+
+The formats are specified in ``docs/segment-format.md`` and ``docs/protocol.md``.
 """
-
-from appliance.seal.canonical import canonical_json
-from appliance.seal.codec import CODECS, decode_audio, encode_audio
-from appliance.seal.identity import (
-    DeviceKey,
-    generate_age_identity,
-    key_id_for_public,
-    load_age_identity,
-    recipient_key_id,
-    write_age_identity,
-)
-from appliance.seal.manifest import FIRST_SEQ, FORMAT, validate_manifest
-from appliance.seal.segment import (
-    SealedSegment,
-    SegmentInput,
-    decode_wire,
-    encode_wire,
-    seal_segment,
-)
-from appliance.seal.verify import (
-    ChainIssue,
-    audit_chain,
-    open_segment_audio,
-    open_segment_sensitive,
-    verify_segment,
-)
-
-__all__ = [
-    "CODECS",
-    "FIRST_SEQ",
-    "FORMAT",
-    "ChainIssue",
-    "DeviceKey",
-    "SealedSegment",
-    "SegmentInput",
-    "audit_chain",
-    "canonical_json",
-    "decode_audio",
-    "decode_wire",
-    "encode_audio",
-    "encode_wire",
-    "generate_age_identity",
-    "key_id_for_public",
-    "load_age_identity",
-    "open_segment_audio",
-    "open_segment_sensitive",
-    "recipient_key_id",
-    "seal_segment",
-    "validate_manifest",
-    "verify_segment",
-    "write_age_identity",
-]

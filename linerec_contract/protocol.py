@@ -2,7 +2,7 @@
 
 The wire protocol is written down in ``docs/protocol.md``; this module is the one place that
 encodes and decodes it. Every message carries a version ``v``; a message that does not parse
-raises :class:`~appliance.errors.FormatError` with a one-line reason (never returns ``None``).
+raises :class:`~linerec_contract.errors.FormatError` with a one-line reason (never returns ``None``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "rec/v1"

@@ -1,7 +1,7 @@
 """Sealing a segment, and the wire container that carries it to central.
 
 ``seal_segment`` turns one :class:`SegmentInput` into a :class:`SealedSegment`: the audio file
-(see :mod:`appliance.seal.codec`) encrypted with age to every recipient, a manifest that names
+(see :mod:`linerec_contract.codec`) encrypted with age to every recipient, a manifest that names
 it by SHA-256 and links to the previous manifest, and the device's Ed25519 signature over the
 manifest's canonical JSON. ``encode_wire``/``decode_wire`` are the one place where the outbox
 file and MQTT payload layout lives (``docs/segment-format.md``).
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pyrage
 
-from appliance.errors import FormatError
-from appliance.seal.canonical import canonical_json, parse_canonical
-from appliance.seal.codec import check_pcm, encode_audio
-from appliance.seal.identity import DeviceKey, parse_recipient, recipient_key_id
-from appliance.seal.manifest import (
+from linerec_contract.canonical import canonical_json, parse_canonical
+from linerec_contract.codec import check_pcm, encode_audio
+from linerec_contract.errors import FormatError
+from linerec_contract.identity import DeviceKey, parse_recipient, recipient_key_id
+from linerec_contract.manifest import (
     FORMAT,
     check_gap,
     sensitive_leaves,

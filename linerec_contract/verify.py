@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 import pyrage
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal.canonical import canonical_json, parse_canonical
-from appliance.seal.codec import decode_audio
-from appliance.seal.identity import (
+from linerec_contract.canonical import canonical_json, parse_canonical
+from linerec_contract.codec import decode_audio
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.identity import (
     key_id_for_public,
     parse_age_identity,
     recipient_key_id,
     recipient_of,
     verify_signature,
 )
-from appliance.seal.manifest import FIRST_SEQ, validate_manifest
-from appliance.seal.segment import SealedSegment
+from linerec_contract.manifest import FIRST_SEQ, validate_manifest
+from linerec_contract.segment import SealedSegment
 
 LOSSLESS = ("flac", "zstd-pcm")
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from appliance.errors import ApplianceError, DependencyError
 from appliance.pki import Pki
-from appliance.sync.protocol import TOPIC_ROOT
+from linerec_contract.errors import ApplianceError, DependencyError
+from linerec_contract.protocol import TOPIC_ROOT
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0

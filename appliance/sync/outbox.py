@@ -1,7 +1,7 @@
 """The durable outbox: sealed segments waiting for central's acknowledgement.
 
 One folder, shared by two processes: the recorder adds segments, the uplink sends and removes
-them. The blobs are opaque here (wire-format sealed segments from ``appliance.seal``); the
+them. The blobs are opaque here (wire-format sealed segments from ``linerec_contract``); the
 outbox only knows each one's sequence number and the SHA-256 of its payload, which central
 echoes in its ack. Files::
 
@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.durable import atomic_write, atomic_write_json, durable_unlink, fsync_dir
-from appliance.errors import ApplianceError, FormatError, StateDirError
+from linerec_contract.durable import atomic_write, atomic_write_json, durable_unlink, fsync_dir
+from linerec_contract.errors import ApplianceError, FormatError, StateDirError
 
 SEG_RE = re.compile(r"^seg-(\d{12})\.seg$")
 PREP_RE = re.compile(r"^\.seg-(\d{12})\.prep$")

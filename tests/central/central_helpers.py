@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from appliance.seal import DeviceKey, SealedSegment, SegmentInput, seal_segment
+from linerec_contract.identity import DeviceKey
+from linerec_contract.segment import SealedSegment, SegmentInput, seal_segment
 
 DEVICE = "box-1"
 RATE = 8000

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from appliance.seal import SealedSegment, encode_wire
-from appliance.sync.protocol import segment_topic
 from central.cli import main
 from central.home import Home
 from central.receiver import Receiver
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import SealedSegment, encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 

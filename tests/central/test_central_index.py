@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 
-from appliance.seal import encode_wire
-from appliance.sync.protocol import segment_topic
 from central.home import Home
 from central.index import Index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import encode_wire
 
 from .central_helpers import Box, known_signal
 

@@ -18,12 +18,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import central.receiver as receiver_module
 from appliance.pki import ensure_pki
-from appliance.seal import DeviceKey, SealedSegment, decode_wire, encode_wire
 from appliance.sync.broker import Broker
-from appliance.sync.protocol import Ack, ack_topic, segment_topic
 from central.home import Home
 from central.receiver import Receiver
 from central.store import Store
+from linerec_contract.identity import DeviceKey
+from linerec_contract.protocol import Ack, ack_topic, segment_topic
+from linerec_contract.segment import SealedSegment, decode_wire, encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 

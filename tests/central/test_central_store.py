@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError, StateDirError
 from central.home import init_home, open_home, parse_config
 from central.store import SegmentConflict, Store
+from linerec_contract.errors import ConfigError, StateDirError
 
 from .central_helpers import DEVICE, Box, known_signal
 
@@ -133,7 +133,7 @@ def test_enroll_validates_and_refuses_silent_key_change(home, box_key) -> None:
         home.enroll("box-3", "not-a-key")
     with pytest.raises(ConfigError, match="device id"):
         home.enroll("../evil", box_key.public_b64)
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     other = DeviceKey.generate()
     with pytest.raises(ConfigError, match="--replace"):

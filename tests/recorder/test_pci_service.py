@@ -17,14 +17,9 @@ from appliance.audio.simulator import LineSimulator
 from appliance.config import Config
 from appliance.recorder import pci
 from appliance.recorder.service import Recorder
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    audit_chain,
-    generate_age_identity,
-    open_segment_audio,
-    open_segment_sensitive,
-)
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import audit_chain, open_segment_audio, open_segment_sensitive
 from tests.recorder.recorder_support import (
     DEFAULT_RECORDER,
     RATE,

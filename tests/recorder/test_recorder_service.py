@@ -17,13 +17,9 @@ import pytest
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    audit_chain,
-    generate_age_identity,
-    open_segment_audio,
-)
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import audit_chain, open_segment_audio
 from tests.recorder.recorder_support import (
     RATE,
     config_text,
@@ -112,7 +108,7 @@ from tests.recorder.recorder_support import (
     recorder_config,
     write_ring,
 )
-from appliance.seal import DeviceKey
+from linerec_contract.identity import DeviceKey
 cfg = load_config(Path(sys.argv[1]))
 rec = Recorder(cfg, recipients=list(cfg.seal.recipients),
                key=DeviceKey.load(cfg.keys_dir / "device.key"))

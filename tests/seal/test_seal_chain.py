@@ -3,7 +3,9 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from appliance.seal import ChainIssue, DeviceKey, SealedSegment, audit_chain, seal_segment
+from linerec_contract.identity import DeviceKey
+from linerec_contract.segment import SealedSegment, seal_segment
+from linerec_contract.verify import ChainIssue, audit_chain
 
 from .conftest import ChainMaker
 from .helpers import DEVICE, make_input, speechish

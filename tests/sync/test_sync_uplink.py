@@ -10,7 +10,7 @@ from pathlib import Path
 
 from appliance.sync.broker import Broker
 from appliance.sync.outbox import Outbox
-from appliance.sync.protocol import Ack, Status, ack_topic, status_topic
+from linerec_contract.protocol import Ack, Status, ack_topic, status_topic
 
 from .conftest import RunningUplink
 from .helpers import Client, FakeCentral, add_segment, sha, wait_until
