@@ -11,6 +11,7 @@ from linerec_contract.errors import FormatError, VerificationError
 
 def verify_command(paths: list[Path], public_b64: str, *, as_json: bool) -> int:
     from linerec_contract.segment import SealedSegment, decode_wire
+    from linerec_contract.trust import DeviceTrust
     from linerec_contract.verify import audit_chain, verify_segment
 
     results: list[dict[str, Any]] = []
@@ -27,10 +28,9 @@ def verify_command(paths: list[Path], public_b64: str, *, as_json: bool) -> int:
             continue
         good.append(seg)
         results.append({"file": str(path), "ok": True, "seq": seg.seq})
-    key_id = None
-    if good:
-        key_id = str(good[0].manifest.get("signing_key_id"))
-    issues = audit_chain(good, {key_id: public_b64}) if key_id else []
+    # The key given is trusted for the devices of the segments it verified, each on its own.
+    trust = {s.device_id: DeviceTrust.of_keys(s.device_id, [public_b64]) for s in good}
+    issues = audit_chain(good, trust)
     ok = all(r["ok"] for r in results) and not issues
     if as_json:
         print(json.dumps({"ok": ok, "segments": results,

@@ -27,7 +27,7 @@ from central.store import Store, StoreError
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
 from linerec_contract.segment import SealedSegment
-from linerec_contract.verify import audit_chain, open_segment_audio, verify_segment
+from linerec_contract.verify import audit_chain, open_segment_audio, verify_trusted
 
 PROG = "appliance-central"
 
@@ -103,7 +103,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
         cert=Path(values["cert"]),
         key=Path(values["key"]),
         group=args.group or cfg.group,
-        client_id=cfg.client_id,
+        client_id=args.client_id or cfg.client_id,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -231,12 +231,11 @@ def _check_part(
     """Failures for one part, and its PCM when it decrypted."""
     m, fails = seg.manifest, []
     device = home.device(seg.device_id)
-    key = device.key_for(str(m["signing_key_id"]), seg.seq) if device else None
-    if key is None:
-        fails.append(f"signing key {m['signing_key_id']} of {seg.device_id} is not trusted")
+    if device is None:
+        fails.append(f"device {seg.device_id} is not enrolled: no key may sign its segments")
     else:
         try:
-            verify_segment(seg, key)
+            verify_trusted(seg, device.trust())
         except (VerificationError, FormatError) as err:
             fails.append(f"signature/hash: {err}")
     if m["part"] != expect_part:
@@ -303,6 +302,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else store.devices()
     issues: list[dict[str, Any]] = []
     count = 0
+    trust = home.trust()  # each device's own keys: a key never vouches for another device
     for dev in devices:
         if home.device(dev) is None:
             issues.append(
@@ -324,7 +324,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
         count += len(segs)
         issues.extend(
             {"device": dev, "kind": i.kind, "seq": i.seq, "detail": i.detail}
-            for i in audit_chain(segs, home.public_keys())
+            for i in audit_chain(segs, trust)
         )
     with Index(home.index_path) as index:
         index_issues = [i for i in index.check(store) if args.device in (None, i.device)]
@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", type=Path)
     p.add_argument("--key", type=Path)
     p.add_argument("--group", help="shared-subscription group (default: central)")
+    p.add_argument("--client-id", help="MQTT client id, one per receiver (default: "
+                   "central-<group>-<host name>); its persistent session keeps what it was sent")
     p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")

@@ -6,7 +6,8 @@ Layout::
     DIR/keys/recipients.txt     public age recipients the boxes encrypt to, one a line
     DIR/devices/<dev>.json      enrolled devices: Ed25519 public key (base64) and key id
     DIR/store/<dev>/...         the durable archive (see central.store)
-    DIR/quarantine/...          rejected or conflicting segments, kept with a reason
+    DIR/quarantine/...          rejected or conflicting segments, kept with a reason (bounded)
+    DIR/locks/<dev>.lock        per-device lock: chain check and store are one critical section
     DIR/index.sqlite            the rebuildable index (see central.index)
     DIR/central.toml            optional: broker host, port, certificate paths
 
@@ -34,6 +35,7 @@ from linerec_contract.identity import (
     write_age_identity,
 )
 from linerec_contract.protocol import DEVICE_ID_RE
+from linerec_contract.trust import DeviceTrust, Rotation
 
 CONFIG_NAME = "central.toml"
 
@@ -64,15 +66,15 @@ def check_device_id(dev: str) -> str:
 
 @dataclass(frozen=True)
 class Device:
-    """An enrolled box: the key its manifests must be signed with."""
+    """An enrolled box: the keys its manifests may be signed with (see linerec_contract.trust)."""
 
     device_id: str
     public_b64: str
     key_id: str
     enrolled_at: float
     previous: tuple[tuple[str, str], ...] = ()  # (key_id, public_b64) of replaced keys
-    # (key_id, public_b64, seq): keys the box announced in the verified manifest ``seq``
-    announced: tuple[tuple[str, str, int], ...] = ()
+    # rotations the box announced in verified manifests, in the order central learnt them
+    rotations: tuple[Rotation, ...] = ()
 
     def keys(self) -> dict[str, str]:
         """Every key enrolled by an operator for this device, by key id (current included)."""
@@ -80,15 +82,21 @@ class Device:
         out[self.key_id] = self.public_b64
         return out
 
-    def key_for(self, key_id: str, seq: int) -> str | None:
-        """The public key that may sign segment ``seq`` as ``key_id``, or None."""
-        enrolled = self.keys().get(key_id)
-        if enrolled is not None:
-            return enrolled
-        for announced_id, public_b64, at_seq in self.announced:
-            if announced_id == key_id and seq > at_seq:
-                return public_b64
-        return None
+    def trust(self) -> DeviceTrust:
+        """The trust policy for this device's segments."""
+        return DeviceTrust(self.device_id, tuple(self.keys().items()), self.rotations)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``[limits]`` table of central.toml: what one box, or all, may make central keep."""
+
+    quarantine_mb: int = 1024  # rejected messages kept, all devices together
+    quarantine_device_mb: int = 256  # ... and of one device
+    quarantine_entries: int = 5000
+    quarantine_device_entries: int = 500
+    staging_mb: int = 1024  # chunks of partial segments (MQTT), all devices together
+    staging_device_mb: int = 256  # ... and of one device (at least the largest segment)
 
 
 @dataclass(frozen=True)
@@ -102,10 +110,12 @@ class BrokerConfig:
     key: Path | None = None
     group: str = "central"
     client_id: str | None = None
+    limits: Limits = Limits()
 
 
 _BROKER_KEYS: dict[str, type] = {"host": str, "port": int, "ca": str, "cert": str, "key": str}
 _RECEIVER_KEYS: dict[str, type] = {"group": str, "client_id": str}
+_LIMIT_KEYS: dict[str, type] = {name: int for name in Limits.__dataclass_fields__}
 
 
 def _check_table(name: str, table: object, allowed: dict[str, type], where: Path) -> dict[str, Any]:
@@ -131,10 +141,16 @@ def parse_config(path: Path) -> BrokerConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     for top in raw:
-        if top not in ("broker", "receiver"):
-            raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver])")
+        if top not in ("broker", "receiver", "limits"):
+            raise ConfigError(
+                f"{path}: unknown table [{top}] (accepted: [broker], [receiver], [limits])"
+            )
     broker = _check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
     receiver = _check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
+    limits = _check_table("limits", raw.get("limits", {}), _LIMIT_KEYS, path)
+    for key, value in limits.items():
+        if not 1 <= value <= 1 << 20:
+            raise ConfigError(f"{path}: limits.{key} must be 1..{1 << 20}, got {value}")
     port = broker.get("port")
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"{path}: broker.port must be 1..65535, got {port}")
@@ -151,6 +167,7 @@ def parse_config(path: Path) -> BrokerConfig:
         key=rel("key"),
         group=receiver.get("group", "central"),
         client_id=receiver.get("client_id"),
+        limits=Limits(**limits),
     )
 
 
@@ -183,6 +200,10 @@ class Home:
     @property
     def quarantine_dir(self) -> Path:
         return self.root / "quarantine"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
 
     @property
     def index_path(self) -> Path:
@@ -228,16 +249,16 @@ class Home:
             return None
         try:
             previous = tuple((str(k), str(p)) for k, p in obj.get("previous", []))
-            announced = tuple((str(k), str(p), int(q)) for k, p, q in obj.get("announced", []))
+            rotations = tuple(Rotation.from_record(r) for r in obj.get("rotations", []))
             return Device(
                 device_id=str(obj["device_id"]),
                 public_b64=str(obj["public_key"]),
                 key_id=str(obj["key_id"]),
                 enrolled_at=float(obj["enrolled_at"]),
                 previous=previous,
-                announced=announced,
+                rotations=rotations,
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, FormatError) as err:
             raise FormatError(
                 f"{path}: enrolment record is missing or has a bad field: {err}"
             ) from err
@@ -251,12 +272,9 @@ class Home:
                     out.append(device)
         return out
 
-    def public_keys(self) -> dict[str, str]:
-        """Every enrolled signing key, by key id."""
-        keys: dict[str, str] = {}
-        for device in self.devices():
-            keys.update(device.keys())
-        return keys
+    def trust(self) -> dict[str, DeviceTrust]:
+        """The trust policy of every enrolled device, by device id (keys never pooled)."""
+        return {device.device_id: device.trust() for device in self.devices()}
 
     def enroll(self, dev: str, public_b64: str, *, replace: bool = False) -> Device:
         """Record ``dev``'s Ed25519 public key (idempotent for the same key).
@@ -286,14 +304,16 @@ class Home:
         self._save_device(device)
         return device
 
-    def trust_announced_key(self, dev: str, key_id: str, public_b64: str, seq: int) -> None:
-        """Remember a key rotation the box announced in its verified segment ``seq``."""
+    def record_rotation(self, dev: str, rotation: Rotation) -> None:
+        """Remember a key rotation announced in a verified, stored segment of ``dev``.
+
+        Call it inside the device's critical section (:meth:`central.store.Store.device_lock`):
+        it reads, changes and rewrites the enrolment record.
+        """
         current = self.device(dev)
-        if current is None or current.key_for(key_id, seq + 1) is not None:
+        if current is None or rotation in current.rotations:
             return
-        key_id_for_public(public_b64)  # FormatError if it is not a key
-        announced = (*current.announced, (key_id, public_b64, seq))
-        self._save_device(replace(current, announced=announced))
+        self._save_device(replace(current, rotations=(*current.rotations, rotation)))
 
     def _save_device(self, device: Device) -> None:
         record = {
@@ -302,7 +322,7 @@ class Home:
             "key_id": device.key_id,
             "enrolled_at": device.enrolled_at,
             "previous": [list(p) for p in device.previous],
-            "announced": [list(a) for a in device.announced],
+            "rotations": [r.to_record() for r in device.rotations],
         }
         # atomic_write_json fsyncs file and folder: an acknowledged enrolment survives a power cut.
         atomic_write_json(self.device_path(device.device_id), record)

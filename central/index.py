@@ -20,7 +20,7 @@ from central.home import Home
 from central.store import Store, StoredRef, StoreError
 from linerec_contract.errors import ApplianceError, VerificationError
 from linerec_contract.segment import SealedSegment
-from linerec_contract.verify import verify_segment
+from linerec_contract.verify import verify_trusted
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -141,11 +141,8 @@ def segment_status(home: Home, seg: SealedSegment) -> str:
     device = home.device(seg.device_id)
     if device is None:
         return "unknown device"
-    key = device.key_for(str(seg.manifest.get("signing_key_id")), seg.seq)
-    if key is None:
-        return f"bad: signing key {seg.manifest.get('signing_key_id')} is not trusted"
     try:
-        verify_segment(seg, key)
+        verify_trusted(seg, device.trust())
     except VerificationError as err:
         return f"bad: {err}"
     return "ok"

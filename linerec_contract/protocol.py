@@ -3,6 +3,10 @@
 The wire protocol is written down in ``docs/protocol.md``; this module is the one place that
 encodes and decodes it. Every message carries a version ``v``; a message that does not parse
 raises :class:`~linerec_contract.errors.FormatError` with a one-line reason (never returns ``None``).
+
+Everything that arrives from the network is checked here before any other code uses it: numbers
+are ASCII decimal digits only (``str.isdigit`` and ``int`` also accept ``'²'`` or ``'٣'``) and
+within their documented range, names match their pattern in full, and sizes are bounded.
 """
 
 from __future__ import annotations
@@ -13,11 +17,33 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from linerec_contract.errors import FormatError
+from linerec_contract.manifest import MAX_SEQ
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "rec/v1"
 MAX_CONTROL_MESSAGE = 64 * 1024
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_TOPIC_LENGTH = 256
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DECIMAL_RE = re.compile(r"0|[1-9][0-9]*")
+
+
+def parse_decimal(text: str, what: str, lo: int, hi: int) -> int:
+    """A canonical ASCII decimal number (no sign, no leading zeros) in ``lo..hi``."""
+    if not isinstance(text, str) or len(text) > len(str(hi)) or not _DECIMAL_RE.fullmatch(text):
+        shown = text[:40] if isinstance(text, str) else type(text).__name__
+        raise FormatError(f"{what} {shown!r} is not a decimal number {lo}..{hi} (ASCII digits)")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise FormatError(f"{what} {value} is outside {lo}..{hi}")
+    return value
+
+
+def check_int(value: Any, what: str, lo: int, hi: int) -> int:
+    """A JSON integer (not a bool, not a float) in ``lo..hi``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise FormatError(f"{what} must be an integer {lo}..{hi}, got {str(value)[:40]!r}")
+    return value
 
 AckResult = Literal["stored", "duplicate", "rejected"]
 ACK_RESULTS: tuple[str, ...] = ("stored", "duplicate", "rejected")
@@ -52,21 +78,28 @@ def shared(group: str, topic_filter: str) -> str:
     return f"$share/{group}/{topic_filter}"
 
 
+def topic_device(topic: str) -> str:
+    """The device id of any ``rec/v1/<dev>/...`` topic (the broker's ACL binds it to the
+    sender's certificate); FormatError when there is none."""
+    parts = topic.split("/", 3) if isinstance(topic, str) else []
+    if len(topic) > MAX_TOPIC_LENGTH or len(parts) < 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
+        raise FormatError(f"topic {str(topic)[:80]!r} is not under {TOPIC_ROOT}/<dev>/")
+    if not DEVICE_ID_RE.match(parts[2]):
+        raise FormatError(
+            f"device id {parts[2][:80]!r} in topic is invalid (letters, digits, '_.-', max 63)"
+        )
+    return parts[2]
+
+
 def parse_segment_topic(topic: str) -> tuple[str, int]:
-    """Return ``(device_id, seq)`` from ``rec/v1/<dev>/seg/<seq>``."""
+    """Return ``(device_id, seq)`` from ``rec/v1/<dev>/seg/<seq>``, seq in 0..MAX_SEQ."""
+    dev = topic_device(topic)
     parts = topic.split("/")
-    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or parts[3] != "seg":
+    if len(parts) != 5 or parts[3] != "seg":
         raise FormatError(
-            f"topic {topic!r} is not a segment topic (expected {TOPIC_ROOT}/<dev>/seg/<seq>)"
+            f"topic {topic[:80]!r} is not a segment topic (expected {TOPIC_ROOT}/<dev>/seg/<seq>)"
         )
-    dev, seq_text = parts[2], parts[4]
-    if not DEVICE_ID_RE.match(dev):
-        raise FormatError(f"device id {dev!r} in topic is invalid (letters, digits, '_.-', max 63)")
-    if not seq_text.isdigit():
-        raise FormatError(
-            f"segment number {seq_text!r} in topic {topic!r} is not a non-negative integer"
-        )
-    return dev, int(seq_text)
+    return dev, parse_decimal(parts[4], "segment number in the topic", 0, MAX_SEQ)
 
 
 def _load_object(payload: bytes, what: str) -> dict[str, Any]:
@@ -103,9 +136,8 @@ class Ack:
         obj = _load_object(payload, "ack")
         seq, sha, result = obj.get("seq"), obj.get("sha256"), obj.get("result")
         reason = obj.get("reason", "")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise FormatError(f"ack field 'seq' must be a non-negative integer, got {seq!r}")
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        seq = check_int(seq, "ack field 'seq'", 0, MAX_SEQ)
+        if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
             raise FormatError("ack field 'sha256' must be 64 lowercase hex digits")
         if result not in ACK_RESULTS:
             raise FormatError(
@@ -136,16 +168,13 @@ class Status:
         state = obj.get("state")
         if state not in ("online", "offline"):
             raise FormatError(f"status field 'state' must be online or offline, got {state!r}")
-        try:
-            return cls(
-                state=state,
-                version=str(obj["version"]),
-                boot_id=str(obj["boot_id"]),
-                session=int(obj["session"]),
-                ts=float(obj["ts"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise FormatError(f"status message is missing or has a bad field: {err}") from err
+        version, boot_id, ts = obj.get("version"), obj.get("boot_id"), obj.get("ts")
+        if not (isinstance(version, str) and isinstance(boot_id, str)):
+            raise FormatError("status fields 'version' and 'boot_id' must be strings")
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 1e11:
+            raise FormatError(f"status field 'ts' must be a Unix time, got {str(ts)[:40]!r}")
+        session = check_int(obj.get("session"), "status field 'session'", 0, 2**63 - 1)
+        return cls(state=state, version=version, boot_id=boot_id, session=session, ts=float(ts))
 
 
 # -- chunking (MQTT v5 user properties on rec/v1/<dev>/seg/<seq>) --------------------------------
@@ -155,6 +184,10 @@ CHUNK_SHA_PROP = "seg-sha256"  # SHA-256 of the whole wire blob (all chunks join
 CHUNK_SIZE_PROP = "seg-bytes"  # length of the whole wire blob
 MAX_CHUNKS = 4096
 MAX_SEGMENT_BYTES = 256 * 1024 * 1024
+# The largest MQTT message: one chunk (uplink.chunk_bytes is at most this) plus room for the
+# topic and properties. Enforced by the broker (max_packet_size) and by central's client.
+MAX_CHUNK_BYTES = 1024 * 1024
+MAX_PACKET_BYTES = MAX_CHUNK_BYTES + 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -173,24 +206,37 @@ class ChunkInfo:
     @classmethod
     def from_user_properties(cls, props: list[tuple[str, str]] | None) -> ChunkInfo | None:
         """The chunk description, None for an unchunked segment, FormatError when malformed."""
-        values = dict(props or [])
-        if CHUNK_PROP not in values:
+        if props is None:
             return None
-        index_text, _, count_text = values[CHUNK_PROP].partition("/")
-        sha, size_text = values.get(CHUNK_SHA_PROP, ""), values.get(CHUNK_SIZE_PROP, "")
-        if not (index_text.isdigit() and count_text.isdigit()):
-            raise FormatError(f"user property {CHUNK_PROP}={values[CHUNK_PROP]!r} is not "
-                              f"'<index>/<count>'")
-        index, count = int(index_text), int(count_text)
-        if not 1 <= count <= MAX_CHUNKS or index >= count:
-            raise FormatError(f"chunk {index}/{count} is out of range "
-                              f"(0 <= index < count <= {MAX_CHUNKS})")
-        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        if not isinstance(props, list) or len(props) > 16:
+            raise FormatError("a segment message carries at most 16 user properties")
+        values: dict[str, str] = {}
+        for pair in props:
+            name, value = pair
+            if name in values:
+                raise FormatError(f"user property {str(name)[:40]!r} appears twice")
+            values[name] = value
+        ours = (CHUNK_PROP, CHUNK_SHA_PROP, CHUNK_SIZE_PROP)
+        present = [name for name in ours if name in values]
+        if not present:
+            return None
+        if len(present) != len(ours):
+            raise FormatError(f"a chunk needs all of the user properties {', '.join(ours)}")
+        index_text, slash, count_text = values[CHUNK_PROP].partition("/")
+        if not slash:
+            raise FormatError(f"user property {CHUNK_PROP}={values[CHUNK_PROP][:40]!r} is not "
+                              "'<index>/<count>'")
+        count = parse_decimal(count_text, "chunk count", 1, MAX_CHUNKS)
+        index = parse_decimal(index_text, "chunk index", 0, count - 1)
+        sha = values[CHUNK_SHA_PROP]
+        if not SHA256_RE.fullmatch(sha):
             raise FormatError(f"user property {CHUNK_SHA_PROP} must be 64 lowercase hex digits")
-        if not size_text.isdigit() or not 0 < int(size_text) <= MAX_SEGMENT_BYTES:
-            raise FormatError(f"user property {CHUNK_SIZE_PROP}={size_text!r} must be an integer "
-                              f"1..{MAX_SEGMENT_BYTES}")
-        return cls(index=index, count=count, blob_sha256=sha, blob_bytes=int(size_text))
+        size = parse_decimal(values[CHUNK_SIZE_PROP], f"user property {CHUNK_SIZE_PROP}", 1,
+                             MAX_SEGMENT_BYTES)
+        if not count <= size <= count * MAX_CHUNK_BYTES:
+            raise FormatError(f"a segment of {size} bytes cannot come in {count} chunks of "
+                              f"1..{MAX_CHUNK_BYTES} bytes")
+        return cls(index=index, count=count, blob_sha256=sha, blob_bytes=size)
 
 
 def chunk_bounds(total: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -202,7 +248,7 @@ def chunk_bounds(total: int, chunk_bytes: int) -> list[tuple[int, int]]:
 
 # -- events and the HTTPS transport -------------------------------------------------------------
 
-HTTPS_PATH_RE = re.compile(r"^/v1/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})/seg/(\d{1,12})$")
+HTTPS_PATH_RE = re.compile(r"^/v1/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})/seg/(0|[1-9][0-9]{0,11})\Z")
 
 
 def https_segment_path(dev: str, seq: int) -> str:
@@ -226,11 +272,13 @@ class LossEvent:
     @classmethod
     def decode(cls, payload: bytes) -> LossEvent:
         obj = _load_object(payload, "event")
-        try:
-            first, last = int(obj["first_seq"]), int(obj["last_seq"])
-            reason, ts = str(obj["reason"]), float(obj["ts"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise FormatError(f"event message is missing or has a bad field: {err}") from err
-        if obj.get("kind") != "segments-lost" or not 0 <= first <= last:
+        first = check_int(obj.get("first_seq"), "event field 'first_seq'", 0, MAX_SEQ)
+        last = check_int(obj.get("last_seq"), "event field 'last_seq'", 0, MAX_SEQ)
+        reason, ts = obj.get("reason"), obj.get("ts")
+        if not isinstance(reason, str):
+            raise FormatError("event field 'reason' must be a string")
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 1e11:
+            raise FormatError(f"event field 'ts' must be a Unix time, got {str(ts)[:40]!r}")
+        if obj.get("kind") != "segments-lost" or not first <= last:
             raise FormatError("event must be kind 'segments-lost' with 0 <= first_seq <= last_seq")
-        return cls(first_seq=first, last_seq=last, reason=reason, ts=ts)
+        return cls(first_seq=first, last_seq=last, reason=reason, ts=float(ts))

@@ -51,12 +51,12 @@ from typing import Any, Literal
 
 from linerec_contract.durable import atomic_write, atomic_write_json, durable_unlink, fsync_dir
 from linerec_contract.errors import ApplianceError, FormatError, StateDirError
+from linerec_contract.manifest import MAX_SEQ
 
 SEG_RE = re.compile(r"^seg-(\d{12})\.seg$")
 PREP_RE = re.compile(r"^\.seg-(\d{12})\.prep$")
 SIDECAR_RE = re.compile(r"^seg-(\d{12})\.sha256$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_SEQ = 10**12 - 1
 ACKED_FILE = "acked.json"
 LOSSES_FILE = "losses.json"
 LOCK_FILE = ".lock"
