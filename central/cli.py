@@ -102,7 +102,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
         ca=Path(values["ca"]),
         cert=Path(values["cert"]),
         key=Path(values["key"]),
-        group=args.group or cfg.group,
+        group=args.group or cfg.group or home.share_group(),
         client_id=args.client_id or cfg.client_id,
     )
     stop = threading.Event()
@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path)
     p.add_argument("--cert", type=Path)
     p.add_argument("--key", type=Path)
-    p.add_argument("--group", help="shared-subscription group (default: central)")
+    p.add_argument("--group", help="shared-subscription group (default: the home's secret "
+                   "group name, keys/share-group)")
     p.add_argument("--client-id", help="MQTT client id, one per receiver (default: "
                    "central-<group>-<host name>); its persistent session keeps what it was sent")
     p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")

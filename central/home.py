@@ -4,6 +4,7 @@ Layout::
 
     DIR/keys/archive.agekey     age identity that opens every payload (0600)
     DIR/keys/recipients.txt     public age recipients the boxes encrypt to, one a line
+    DIR/keys/share-group        the receivers' secret MQTT shared-subscription group name
     DIR/devices/<dev>.json      enrolled devices: Ed25519 public key (base64) and key id
     DIR/store/<dev>/...         the durable archive (see central.store)
     DIR/quarantine/...          rejected or conflicting segments, kept with a reason (bounded)
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -108,7 +111,7 @@ class BrokerConfig:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
-    group: str = "central"
+    group: str | None = None  # None: the home's secret group (Home.share_group)
     client_id: str | None = None
     limits: Limits = Limits()
 
@@ -165,7 +168,7 @@ def parse_config(path: Path) -> BrokerConfig:
         ca=rel("ca"),
         cert=rel("cert"),
         key=rel("key"),
-        group=receiver.get("group", "central"),
+        group=receiver.get("group"),
         client_id=receiver.get("client_id"),
         limits=Limits(**limits),
     )
@@ -180,6 +183,10 @@ class Home:
     @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def share_group_path(self) -> Path:
+        return self.keys_dir / "share-group"
 
     @property
     def identity_path(self) -> Path:
@@ -224,6 +231,34 @@ class Home:
         except OSError as err:
             raise StateDirError(f"{self.recipients_path}: cannot read: {err}") from err
         return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+    def share_group(self) -> str:
+        """The name of the receivers' MQTT shared-subscription group: a secret of this home.
+
+        Mosquitto lets any client join any shared group (read access is checked at delivery,
+        when the broker would drop what it hands a box), so a guessable name would let one box
+        make central miss a share of every box's segments. Created on first use (0600).
+        """
+        path = self.share_group_path
+        try:
+            name = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            name = f"central-{secrets.token_hex(16)}"
+            # atomic_write fsyncs: every receiver of this home must find the same name.
+            tmp = path.with_name(f".share-group-{secrets.token_hex(4)}")
+            atomic_write(tmp, f"{name}\n".encode(), mode=0o600)
+            try:
+                os.link(tmp, path)  # first writer wins, also across processes
+            except FileExistsError:
+                name = path.read_text(encoding="ascii").strip()
+            finally:
+                tmp.unlink()
+            fsync_dir(path.parent)
+        except (OSError, UnicodeDecodeError) as err:
+            raise StateDirError(f"{path}: cannot read the receivers' group name: {err}") from err
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", name):
+            raise StateDirError(f"{path}: the group name must be 8..64 of A-Z a-z 0-9 _ -")
+        return name
 
     def config(self) -> BrokerConfig:
         if not self.config_path.exists():
@@ -359,6 +394,7 @@ def init_home(path: Path) -> Home:
             # power cut would make every payload encrypted to it unreadable.
             write_age_identity(home.identity_path, secret)
         recipient = recipient_of(secret)
+        home.share_group()
         if not home.recipients_path.exists() or recipient not in home.recipients():
             lines = home.recipients() if home.recipients_path.exists() else []
             text = "".join(f"{r}\n" for r in [*lines, recipient])

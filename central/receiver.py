@@ -69,6 +69,7 @@ log = logging.getLogger("central.receiver")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue a week while we are down
 RETRY_AFTER_STORAGE_ERROR_S = 5.0
+RECEIVE_MAXIMUM = 16  # unacknowledged messages the broker hands one receiver at a time
 FAILPOINT_ENV = "APPLIANCE_CENTRAL_KILL_AFTER_STORE"
 
 
@@ -436,14 +437,16 @@ class Receiver(SegmentIntake):
         ca: Path,
         cert: Path,
         key: Path,
-        group: str = "central",
+        group: str | None = None,
         client_id: str | None = None,
     ) -> None:
         super().__init__(home)
         self.host, self.port = host, port
         self.ca, self.cert, self.key = ca, cert, key
-        self.group = group
-        self.client_id = client_id or f"central-{group}-{socket.gethostname()}"
+        self.group = group or home.share_group()
+        # Stable across restarts: the persistent session (and what the broker queued in it
+        # while this receiver was down) belongs to the client id.
+        self.client_id = client_id or f"central-{socket.gethostname()}"
         limits, mib = self.store.limits, 1024 * 1024
         self.chunks = ChunkAssembler(home.root / INCOMING_DIR, home.locks_dir,
                                      max_bytes=limits.staging_mb * mib,
@@ -608,6 +611,7 @@ class Receiver(SegmentIntake):
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         # The broker drops, rather than sends, anything larger (docs/protocol.md).
         props.MaximumPacketSize = MAX_PACKET_BYTES
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         while not stop.is_set():
             client = self._client()
             died = threading.Event()

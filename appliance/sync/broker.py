@@ -3,8 +3,11 @@
 The broker listens on loopback only, with mutual TLS: every client presents a certificate from
 the PKI's CA and the certificate's common name becomes its MQTT user name. The ACL confines each
 box to ``rec/v1/<its CN>/#``; the central user may read and write all of ``rec/v1/#`` (plain or
-through a ``$share/<group>/...`` subscription). Persistence is on, so QoS 1 messages queued for
-persistent sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
+through a ``$share/<group>/...`` subscription). Mosquitto 2.0 checks read access when it
+delivers, not when a client subscribes, so a box may *join* any shared group (and the broker
+then drops what it would hand that box): central's group name is a secret of the central
+home (see docs/protocol.md), never a fixed word. Persistence is on, so QoS 1 messages queued
+for persistent sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
 
 Everything the broker writes (config, ACL, database, log) stays in ``workdir``.
 """
@@ -25,7 +28,7 @@ from types import TracebackType
 
 from appliance.pki import Pki
 from linerec_contract.errors import ApplianceError, DependencyError
-from linerec_contract.protocol import TOPIC_ROOT
+from linerec_contract.protocol import MAX_PACKET_BYTES, TOPIC_ROOT
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -124,6 +127,9 @@ class Broker:
             "persistent_client_expiration 7d",
             "max_queued_messages 100000",
             "max_queued_bytes 0",
+            # Nothing larger than one chunk plus headers (docs/protocol.md): a client sending
+            # more is disconnected, so no message can make central hold more than that.
+            f"max_packet_size {MAX_PACKET_BYTES}",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
