@@ -539,7 +539,9 @@ class Receiver(SegmentIntake):
             self.counts["malformed"] += 1
             log.warning("%s refused: %s", topic[:120], err)
             return True
-        digest = hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
+        hasher = hashlib.sha256(topic.encode())
+        hasher.update(payload)
+        digest = hasher.hexdigest()
         try:
             return self._segment(client, topic, dev, seq, info, payload)
         except (OSError, StoreError, IndexDbError) as err:
