@@ -257,3 +257,39 @@ def test_serve_command_uses_central_toml(home: Home, box: Box, broker: Broker) -
         if proc.stderr is not None:
             proc.stderr.close()
     assert code == 0
+
+
+def test_a_dead_network_loop_is_noticed_and_replaced(
+    home: Home, box: Box, broker: Broker, monkeypatch
+) -> None:
+    """paho's network thread dying (as it did on a seq of '²') must not end the intake."""
+    real_loop = mqtt.Client.loop_forever
+    deaths: list[str] = []
+
+    def dies_once(self: mqtt.Client, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not deaths:
+            deaths.append(str(self._client_id))
+            raise ValueError("invalid literal for int() with base 10: '\u00b2'")
+        return real_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(mqtt.Client, "loop_forever", dies_once)
+    pki = broker.pki
+    receiver = Receiver(
+        home, host=broker.host, port=broker.port, ca=pki.ca_cert,
+        cert=pki.client_cert("central"), key=pki.client_key("central"),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=receiver.run, args=(stop,), daemon=True)
+    thread.start()
+    client = None
+    try:
+        assert receiver.ready.wait(20), "the receiver did not come back after its loop died"
+        assert deaths and receiver.counts["reconnects"] == 1
+        client = BoxClient(broker)
+        seg = box.seal_call("c1", known_signal(800), 1)[0]
+        assert client.send(0, encode_wire(seg)).result == "stored"
+    finally:
+        if client is not None:
+            client.close()
+        stop.set()
+        thread.join(15)
