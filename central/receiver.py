@@ -60,7 +60,7 @@ from linerec_contract.protocol import (
     shared,
     topic_device,
 )
-from linerec_contract.segment import SealedSegment, decode_wire
+from linerec_contract.segment import SealedSegment, decode_wire, read_wire_file
 from linerec_contract.tls import tls_context
 from linerec_contract.trust import UntrustedKey
 from linerec_contract.verify import verify_trusted
@@ -168,9 +168,11 @@ class ChunkAssembler:
         try:
             with blob.open("wb") as out:
                 for i in range(info.count):
-                    chunk = (claimed / f"{i:05d}.part").read_bytes()
+                    part = claimed / f"{i:05d}.part"
+                    chunk = part.read_bytes()
                     digest.update(chunk)
                     out.write(chunk)
+                    part.unlink()  # staging never holds a segment twice (parts + blob)
             size = blob.stat().st_size
         except FileNotFoundError as err:
             shutil.rmtree(claimed, ignore_errors=True)
@@ -274,9 +276,10 @@ class SegmentIntake:
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
 
-    def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Verify, store and index one message; returns the ack to publish. Never raises
-        for a bad message; raises OSError/StoreError/IndexDbError when central cannot write."""
+    def handle(self, topic: str, payload: bytes | Path) -> Outcome:
+        """Verify, store and index one message (its bytes, or a file holding them, read with
+        the payload in memory once); returns the ack to publish. Never raises for a bad
+        message; raises OSError/StoreError/IndexDbError when central cannot write."""
         with self._handle_lock:
             try:
                 return self._handle(topic, payload)
@@ -309,7 +312,7 @@ class SegmentIntake:
 
     # -- the verification pipeline (no transport here; tests call it directly too) ----------
 
-    def _handle(self, topic: str, payload: bytes) -> Outcome:
+    def _handle(self, topic: str, payload: bytes | Path) -> Outcome:
         self.enrolled(topic)
         try:
             dev, seq = parse_segment_topic(topic)
@@ -345,16 +348,18 @@ class SegmentIntake:
         )
         return Outcome(Ack(seq, seg.payload_sha256, result), dev, detail)
 
-    def _reject(self, dev: str, seq: int, payload: bytes, reason: str) -> Outcome:
-        where = self.store.quarantine(dev, seq, payload, reason)
+    def _reject(self, dev: str, seq: int, payload: bytes | Path, reason: str) -> Outcome:
+        raw = payload.read_bytes() if isinstance(payload, Path) else payload
+        where = self.store.quarantine(dev, seq, raw, reason)
         try:
-            sha = str(decode_wire(payload).payload_sha256)
+            sha = str(decode_wire(raw).payload_sha256)
         except FormatError:
-            sha = hashlib.sha256(payload).hexdigest()
+            sha = hashlib.sha256(raw).hexdigest()
         ack = Ack(seq, sha, "rejected", reason)
         return Outcome(ack, dev, f"rejected: {reason} (quarantined in {where.name})")
 
-    def _reject_after_bug(self, topic: str, payload: bytes, err: Exception) -> Outcome | None:
+    def _reject_after_bug(self, topic: str, payload: bytes | Path,
+                          err: Exception) -> Outcome | None:
         """Quarantine a message that hit a receiver bug, so it cannot block the queue."""
         try:
             dev, seq = parse_segment_topic(topic)
@@ -364,9 +369,9 @@ class SegmentIntake:
         except (FormatError, OSError):
             return None
 
-    def _decode(self, dev: str, seq: int, payload: bytes) -> SealedSegment:
+    def _decode(self, dev: str, seq: int, payload: bytes | Path) -> SealedSegment:
         try:
-            seg = decode_wire(payload)
+            seg = read_wire_file(payload) if isinstance(payload, Path) else decode_wire(payload)
         except FormatError as err:
             raise Rejected(f"malformed segment: {err}") from err
         try:
@@ -574,7 +579,7 @@ class Receiver(SegmentIntake):
             if blob_path is None:
                 return True  # a chunk on disk; the ack waits for the whole segment
             try:
-                outcome = self.handle(topic, blob_path.read_bytes())
+                outcome = self.handle(topic, blob_path)
             finally:
                 shutil.rmtree(blob_path.parent, ignore_errors=True)
         self._failures.clear()

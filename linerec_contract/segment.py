@@ -13,9 +13,11 @@ import base64
 import binascii
 import functools
 import hashlib
+import os
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,16 +229,13 @@ def encode_wire(seg: SealedSegment) -> bytes:
     return header + signed + seg.payload
 
 
-def decode_wire(data: bytes) -> SealedSegment:
-    """Parse a blob from :func:`encode_wire`; FormatError with a one-line reason otherwise."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise FormatError(f"segment blob must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < WIRE_HEADER.size:
+def _check_header(header: bytes, size: int) -> tuple[int, int]:
+    """(manifest length, payload length) from a wire header of a ``size``-byte blob."""
+    if size < WIRE_HEADER.size:
         raise FormatError(
-            f"segment blob is {len(data)} bytes; shorter than its {WIRE_HEADER.size}-byte header"
+            f"segment blob is {size} bytes; shorter than its {WIRE_HEADER.size}-byte header"
         )
-    magic, version, flags, reserved, mlen, plen = WIRE_HEADER.unpack_from(data)
+    magic, version, flags, reserved, mlen, plen = WIRE_HEADER.unpack_from(header)
     if magic != WIRE_MAGIC:
         raise FormatError(f"segment blob starts with {magic!r}; expected {WIRE_MAGIC!r}")
     if version != WIRE_VERSION:
@@ -246,10 +245,31 @@ def decode_wire(data: bytes) -> SealedSegment:
     if mlen > MAX_SIGNED_MANIFEST:
         raise FormatError(f"segment blob manifest length {mlen} exceeds {MAX_SIGNED_MANIFEST}")
     expected = WIRE_HEADER.size + mlen + plen
-    if len(data) != expected:
+    if size != expected:
         raise FormatError(
-            f"segment blob is {len(data)} bytes; its header announces {expected} "
+            f"segment blob is {size} bytes; its header announces {expected} "
             "(truncated or trailing bytes)"
         )
+    return mlen, plen
+
+
+def read_wire_file(path: Path) -> SealedSegment:
+    """:func:`decode_wire` of a file, holding its payload in memory once (not twice)."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mlen, plen = _check_header(fh.read(WIRE_HEADER.size), size)
+        signed = fh.read(mlen)
+        payload = fh.read(plen)
+    if len(signed) != mlen or len(payload) != plen:
+        raise FormatError(f"{path.name}: segment file changed while it was read")
+    return SealedSegment.from_parts(signed, payload)
+
+
+def decode_wire(data: bytes) -> SealedSegment:
+    """Parse a blob from :func:`encode_wire`; FormatError with a one-line reason otherwise."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FormatError(f"segment blob must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    mlen, _plen = _check_header(data[:WIRE_HEADER.size], len(data))
     start = WIRE_HEADER.size
     return SealedSegment.from_parts(data[start:start + mlen], data[start + mlen:])

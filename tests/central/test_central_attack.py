@@ -46,7 +46,7 @@ from .mqtt_support import LightBox, ReceiverProcess, mqtt_client
 MIB = 1024 * 1024
 LIMITS = {"quarantine_mb": 4, "quarantine_device_mb": 2, "quarantine_entries": 400,
           "quarantine_device_entries": 60, "staging_mb": 6, "staging_device_mb": 3}
-MEMORY_BOUND_KIB = 48 * 1024  # growth allowed over the honest-traffic peak: 48 chunk sizes
+MEMORY_BOUND_KIB = 16 * 1024  # growth allowed over the honest-traffic peak: 16 MQTT messages
 
 
 def _tree_bytes(path: Path) -> int:
@@ -203,6 +203,18 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
                           segment_topic("box-evil", 100 + n), os.urandom(64 * 1024),
                           [(CHUNK_PROP, "0/16"), (CHUNK_SHA_PROP, hashlib.sha256(
                               str(n).encode()).hexdigest()), (CHUNK_SIZE_PROP, str(MIB))])
+        # A complete chunked segment of garbage, announced honestly (size and SHA-256 match):
+        # joined on disk, read once, rejected; larger than the quarantine's per-device bound,
+        # so only its reason is kept.
+        blob = os.urandom(5 * MIB // 2)
+        sha = hashlib.sha256(blob).hexdigest()
+        count = len(blob) // (64 * 1024)
+        for index in range(count):
+            part = blob[index * 64 * 1024:(index + 1) * 64 * 1024]
+            attacker.send("complete chunked garbage segment, 2.5 MiB (chunks)",
+                          segment_topic("box-evil", 4), part,
+                          [(CHUNK_PROP, f"{index}/{count}"), (CHUNK_SHA_PROP, sha),
+                           (CHUNK_SIZE_PROP, str(len(blob)))])
         for n in range(24):  # one full-size message after another: quarantine flood
             attacker.send("flood of 1 MiB garbage messages", segment_topic("box-evil", 1000 + n),
                           os.urandom(MAX_PACKET_BYTES - 32 * 1024))
@@ -267,7 +279,8 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
         assert counts_before_restart["malformed"] == poison
         assert counts_before_restart["chunks_refused"] == 1  # the oversized segment
         assert counts_before_restart["partial_dropped"] >= 40 - 3  # 3 of 1 MiB fit in 3 MiB
-        assert counts_before_restart["rejected"] == 3 + 24
+        assert counts_before_restart["rejected"] == 3 + 1 + 24
+        assert counts_before_restart["quarantine_truncated"] == 1
         assert counts_before_restart["quarantine_dropped"] >= 24 - 2  # 2 of ~1 MiB fit in 2 MiB
         assert counts_before_restart["failed"] == 0
         # the poison left in the persistent session was consumed by the restarted receiver
