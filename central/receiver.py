@@ -208,6 +208,7 @@ class ChunkAssembler:
     def _make_room(self, dev: str, size: int) -> None:
         """Drop stale partial segments, then make room for ``size`` more bytes from ``dev``."""
         now = time.time()
+        self._sweep_claimed(now)
         partial = []
         for entry in self.partial():
             if now - entry[0] > self.max_age_s:
@@ -227,6 +228,17 @@ class ChunkAssembler:
             oldest = next(e for e in partial if e[1].parent.name == biggest)
             partial.remove(oldest)
             self._drop(oldest, "over the total staging bound")
+
+    def _sweep_claimed(self, now: float) -> None:
+        """Remove what a receiver killed while joining a segment left behind."""
+        for claimed in self.root.glob("*/.claimed-*"):
+            try:
+                stale = now - claimed.stat().st_mtime > self.max_age_s
+            except FileNotFoundError:
+                continue
+            if stale:
+                log.warning("removing %s, left by a receiver stopped while joining it", claimed)
+                shutil.rmtree(claimed, ignore_errors=True)
 
     def _drop(self, entry: tuple[float, Path, int], why: str) -> None:
         log.warning("discarding partial segment %s/%s (%s); the box will send it again",

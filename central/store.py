@@ -211,22 +211,27 @@ class Store:
         lim, mib = self.limits, 1024 * 1024
         entries = self._quarantine_sizes()
         mine = [e for e in entries if e[1].parent.name == dev]
-        for chosen, max_bytes, max_count in (
-            (mine, lim.quarantine_device_mb * mib, lim.quarantine_device_entries),
-            (entries, lim.quarantine_mb * mib, lim.quarantine_entries),
-        ):
-            total = sum(e[2] for e in chosen)
-            while chosen and (total + size > max_bytes or len(chosen) + 1 > max_count):
-                _mtime, folder, bytes_ = chosen.pop(0)
-                if chosen is mine:
-                    entries.remove((_mtime, folder, bytes_))
-                elif folder.parent.name == dev:
-                    mine.remove((_mtime, folder, bytes_))
-                total -= bytes_
-                shutil.rmtree(folder, ignore_errors=True)
-                self.counts["quarantine_dropped"] += 1
-                log.warning("quarantine full: dropped the oldest entry %s (%d bytes)",
-                            folder.relative_to(self.home.quarantine_dir), bytes_)
+        # The device's own bound: its own oldest entries go first.
+        while mine and (sum(e[2] for e in mine) + size > lim.quarantine_device_mb * mib
+                        or len(mine) + 1 > lim.quarantine_device_entries):
+            entries.remove(self._drop_entry(mine.pop(0)))
+        # The total bound: the oldest entry of the device holding the most goes first, so a
+        # box flooding rejected messages only ever pushes out its own.
+        while entries and (sum(e[2] for e in entries) + size > lim.quarantine_mb * mib
+                           or len(entries) + 1 > lim.quarantine_entries):
+            held: dict[str, int] = {}
+            for entry in entries:
+                held[entry[1].parent.name] = held.get(entry[1].parent.name, 0) + entry[2]
+            biggest = max(held, key=lambda d: held[d])
+            entries.remove(self._drop_entry(next(e for e in entries
+                                                 if e[1].parent.name == biggest)))
+
+    def _drop_entry(self, entry: tuple[float, Path, int]) -> tuple[float, Path, int]:
+        shutil.rmtree(entry[1], ignore_errors=True)
+        self.counts["quarantine_dropped"] += 1
+        log.warning("quarantine full: dropped the oldest entry %s (%d bytes)",
+                    entry[1].relative_to(self.home.quarantine_dir), entry[2])
+        return entry
 
     def _quarantine_sizes(self) -> list[tuple[float, Path, int]]:
         """(mtime, folder, bytes) of every quarantine entry, oldest first."""
