@@ -103,7 +103,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
         cert=Path(values["cert"]),
         key=Path(values["key"]),
         group=args.group or cfg.group or home.share_group(),
-        client_id=args.client_id or cfg.client_id,
+        client_id=cfg.client_id,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -384,8 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path)
     p.add_argument("--group", help="shared-subscription group (default: the home's secret "
                    "group name, keys/share-group)")
-    p.add_argument("--client-id", help="MQTT client id, one per receiver (default: "
-                   "central-<group>-<host name>); its persistent session keeps what it was sent")
     p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import threading
 import time
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -47,7 +48,7 @@ from central.home import Home, make_dirs
 from central.index import Index, IndexDbError
 from central.store import SegmentConflict, Store, StoreError, exclusive_lock
 from linerec_contract.durable import write_status
-from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.errors import ConfigError, FormatError, VerificationError
 from linerec_contract.manifest import MAX_SEQ, validate_manifest
 from linerec_contract.protocol import (
     MAX_CHUNK_BYTES,
@@ -245,6 +246,18 @@ class ChunkAssembler:
                     entry[1].parent.name, entry[1].name[:12], why)
         shutil.rmtree(entry[1], ignore_errors=True)
         self.counts["partial_dropped"] += 1
+
+
+def certificate_cn(path: Path) -> str:
+    """The common name of the PEM certificate at ``path``; ConfigError when there is none."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"receiver certificate {path} does not load: {err}") from err
+    if not names:
+        raise ConfigError(f"receiver certificate {path} has no common name (CN)")
+    return str(names[0].value)
 
 
 class Rejected(Exception):  # noqa: N818 - a result, not a failure of the receiver
@@ -461,9 +474,11 @@ class Receiver(SegmentIntake):
         self.host, self.port = host, port
         self.ca, self.cert, self.key = ca, cert, key
         self.group = group or home.share_group()
-        # Stable across restarts: the persistent session (and what the broker queued in it
-        # while this receiver was down) belongs to the client id.
-        self.client_id = client_id or f"central-{socket.gethostname()}"
+        # The broker makes the certificate's CN the client id (use_username_as_clientid), so a
+        # receiver is named after its certificate: stable across restarts (the persistent
+        # session, and what the broker queued in it meanwhile, belongs to it) and one per
+        # receiver (each receiver has a certificate of its own).
+        self.client_id = client_id or certificate_cn(cert)
         limits, mib = self.store.limits, 1024 * 1024
         self.chunks = ChunkAssembler(home.root / INCOMING_DIR, home.locks_dir,
                                      max_bytes=limits.staging_mb * mib,

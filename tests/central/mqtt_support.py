@@ -114,7 +114,8 @@ class LightBox:
 
 
 class ReceiverProcess:
-    """``appliance-central --home H serve`` in its own process, logging to a file."""
+    """``appliance-central --home H serve`` in its own process, logging to a file; it connects
+    with the certificate ``client_id`` (the broker makes a certificate's CN the client id)."""
 
     def __init__(self, home: Path, broker: Broker, client_id: str, log_dir: Path,
                  env: dict[str, str] | None = None) -> None:
@@ -127,8 +128,8 @@ class ReceiverProcess:
         pki = self.broker.pki
         argv = [sys.executable, "-m", "central", "--home", str(self.home), "serve",
                 "--host", self.broker.host, "--port", str(self.broker.port),
-                "--ca", str(pki.ca_cert), "--cert", str(pki.client_cert("central")),
-                "--key", str(pki.client_key("central")), "--client-id", self.client_id]
+                "--ca", str(pki.ca_cert), "--cert", str(pki.client_cert(self.client_id)),
+                "--key", str(pki.client_key(self.client_id))]
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)

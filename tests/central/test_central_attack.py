@@ -169,7 +169,7 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
 
     broker = Broker(tmp_path / "broker", pki)
     broker.start()
-    receiver = ReceiverProcess(home.root, broker, "central-a", tmp_path)
+    receiver = ReceiverProcess(home.root, broker, "central", tmp_path)
     box = attacker = None
     report: list[str] = []
     try:
@@ -183,7 +183,15 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
         # 2. The attack, while the honest box keeps sending.
         sampler = Sampler(home)
         sampler.start()
+        # Connecting under the receiver's client id, to take over its session: the broker
+        # names the client after its certificate instead, and the receiver stays connected.
+        impostor = mqtt_client(broker, "box-evil", client_id=receiver.client_id)
+        impostor.subscribe("$share/central/rec/v1/+/seg/+", qos=1)
+        time.sleep(0.5)
+        impostor.disconnect()
+        impostor.loop_stop()
         attacker = Attacker(broker)
+        attacker.sent[f"connect as client id {receiver.client_id!r} with box-evil's cert"] = 1
         honest_thread = threading.Thread(target=box.send_all, args=(segs[12:30],), daemon=True)
         honest_thread.start()
         _poison(attacker, evil, 5)
@@ -197,7 +205,9 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
         attacker.send("oversized chunked segment (200 MiB announced)",
                       segment_topic("box-evil", 3), b"x" * 1000,
                       _props("0/200", size=str(200 * MIB)))
-        attacker.client.subscribe("$share/central/rec/v1/+/seg/+", qos=1)  # the guessable group
+        # Joining central's shared group under a guessable name: no segment may be taken away.
+        attacker.client.subscribe("$share/central/rec/v1/+/seg/+", qos=1)
+        attacker.sent["subscribe $share/central/rec/v1/+/seg/+"] = 1
         for n in range(40):  # partial segments that never complete: staging flood
             attacker.send("partial segment flood (1 of 16 chunks of 64 KiB)",
                           segment_topic("box-evil", 100 + n), os.urandom(64 * 1024),
@@ -233,6 +243,7 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
         counts_before_restart = _settled(receiver, "not_enrolled", len(stranger_segs))
         attack_peak_kib = receiver.vm_hwm_kib()
         alive = receiver.proc is not None and receiver.proc.poll() is None
+        log_before_kill = receiver.log_text()
 
         # 3. Receiver killed; poison waits in its persistent session; it must not stop it twice.
         receiver.kill()
@@ -283,6 +294,8 @@ def test_compromised_box_cannot_stop_or_fill_central(tmp_path: Path) -> None:
         assert counts_before_restart["quarantine_truncated"] == 1
         assert counts_before_restart["quarantine_dropped"] >= 24 - 2  # 2 of ~1 MiB fit in 2 MiB
         assert counts_before_restart["failed"] == 0
+        assert counts_before_restart["reconnects"] == 0
+        assert "disconnected from" not in log_before_kill
         # the poison left in the persistent session was consumed by the restarted receiver
         assert counts_after_restart["malformed"] == poison
         assert sampler.max_evil_quarantine <= LIMITS["quarantine_device_mb"] * MIB

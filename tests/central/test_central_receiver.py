@@ -30,7 +30,8 @@ from .central_helpers import DEVICE, Box, known_signal
 
 
 def offline_receiver(home: Home) -> Receiver:
-    return Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root)
+    return Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root,
+                    client_id="offline")
 
 
 def tampered(seg: SealedSegment) -> bytes:

@@ -46,7 +46,8 @@ def test_three_receivers_share_the_load_and_a_killed_one_loses_nothing(tmp_path:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.skip("mosquitto is not installed")
     names = [f"box-{n}" for n in range(BOXES)]
-    pki = ensure_pki(tmp_path / "pki", ["central", *names])
+    receiver_ids = tuple(f"central-{n}" for n in range(RECEIVERS))  # a certificate each
+    pki = ensure_pki(tmp_path / "pki", [*receiver_ids, *names])
     home = init_home(tmp_path / "central")
     sealed: dict[str, list] = {}
     for name in names:
@@ -55,10 +56,9 @@ def test_three_receivers_share_the_load_and_a_killed_one_loses_nothing(tmp_path:
         for n in range(SEGMENTS):
             box.seal_call(f"c{n}", known_signal(160, seed=n), 1, codec="zstd-pcm")
         sealed[name] = box.sealed
-    broker = Broker(tmp_path / "broker", pki)
+    broker = Broker(tmp_path / "broker", pki, central_users=receiver_ids)
     broker.start()
-    receivers = [ReceiverProcess(home.root, broker, f"central-{n}", tmp_path)
-                 for n in range(RECEIVERS)]
+    receivers = [ReceiverProcess(home.root, broker, cid, tmp_path) for cid in receiver_ids]
     boxes: list[LightBox] = []
     try:
         for receiver in receivers:
