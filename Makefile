@@ -24,6 +24,7 @@ bench: setup
 	$(PY) bench/seal.py
 	$(PY) bench/capture.py
 	$(PY) bench/uplink.py
+	$(PY) bench/intake.py
 	$(PY) bench/dtmf.py
 
 clean:
