@@ -1,7 +1,6 @@
 # One entry point for developers and CI. Every target sets itself up first.
 VENV := .venv
 PY := $(VENV)/bin/python
-export PYTHONDEVMODE := 1
 
 .PHONY: setup demo test lint bench clean
 
@@ -11,8 +10,9 @@ setup:
 demo: setup
 	$(VENV)/bin/appliance demo $(DEMO_ARGS)
 
+# Development mode (warnings, resource checks) for the tests only: pip and the demo stay quiet.
 test: setup
-	$(PY) -m pytest -q
+	PYTHONDEVMODE=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check appliance central linerec_contract tests bench

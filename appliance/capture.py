@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from appliance import sdnotify
 from appliance.audio.clockdrift import DRIFT_ALARM_PPM, WALL_STEP_ALARM_MS, DriftMeter
 from appliance.audio.source import (
     Block,
@@ -178,9 +179,11 @@ class CaptureLoop:
         """
         if start_frame is None:
             start_frame = self.next_pos
+        notifier = sdnotify.notifier()
         try:
             self._open(start_frame, stop)
             while not stop.is_set():
+                notifier.watchdog()  # a read stuck in the driver stops the keep-alives
                 try:
                     blk = self.source.read()
                 except SourceExhausted as end:
@@ -228,9 +231,14 @@ class CaptureLoop:
         if not already_closed:
             self.source.close()
         delay = self.backoff_initial_s
+        notifier = sdnotify.notifier()
         while not stop.is_set():
             self._write_status()
-            if stop.wait(delay):
+            retry_at = time.monotonic() + delay
+            while not stop.is_set() and time.monotonic() < retry_at:
+                notifier.watchdog()  # waiting for the device is this loop's work
+                stop.wait(notifier.max_wait(retry_at - time.monotonic()))
+            if stop.is_set():
                 return
             gap = max(0, (self.clock() - lost_at) * self.rate // 1_000_000_000)
             try:
@@ -382,8 +390,8 @@ def run_capture(
     if src.live or stream.realtime:
         request_realtime(stream.rt_priority, f"capture {stream.name}")
     path = cfg.ring_path(stream.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    durable.ensure_dir(path.parent)
+    durable.ensure_dir(cfg.run_dir)
     writer = RingWriter.open(
         path, stream_id=stream_id_of(stream.name), size_bytes=cfg.ring.size_mb * MIB,
         slot_size=cfg.ring.slot_size, sync_interval_s=cfg.ring.sync_interval_ms / 1000.0,

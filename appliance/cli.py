@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -117,14 +119,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from appliance import stages
-    from appliance.supervisor import die_with_parent
+    from appliance import locks, stages
 
-    die_with_parent()
     cfg = _config(args.config)
+    stream = args.stream or cfg.capture[0].name
+    name = f"capture-{stream}" if args.name == "capture" else args.name
+    locks.check_state_dir(cfg.state_dir)
+    locks.acquire(cfg.state_dir, name, f"appliance stage {args.name}"
+                  + (f" {stream}" if args.name == "capture" else ""))
     stop = stages.stop_on_signals()
     if args.name == "capture":
-        stages.run_capture_stage(cfg, args.stream or cfg.capture[0].name, stop)
+        stages.run_capture_stage(cfg, stream, stop)
     elif args.name == "recorder":
         stages.run_recorder_stage(cfg, stop)
     else:
@@ -145,14 +150,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from appliance.verify import verify_command
+    from appliance.verify import refuse_non_regular, verify_command
+
+    refuse_non_regular(args.segments)
 
     pubkey = args.pubkey
+    cfg = _config(args.config) if pubkey is None or args.config else None
     if pubkey is None:
         from linerec_contract.identity import DeviceKey
 
-        pubkey = DeviceKey.load(_config(args.config).keys_dir / "device.key").public_b64
-    return verify_command(args.segments, pubkey, as_json=args.json)
+        assert cfg is not None
+        pubkey = DeviceKey.load(cfg.keys_dir / "device.key").public_b64
+    start, note = (0, "") if cfg is None else box_chain_start(cfg, args.segments)
+    return verify_command(args.segments, pubkey, as_json=args.json, start_seq=start,
+                          start_note=note)
+
+
+def box_chain_start(cfg: Config, paths: list[Path]) -> tuple[int, str]:
+    """On a live box the chain starts after the last acknowledged segment: central holds the
+    ones before it and the outbox deleted them."""
+    from appliance.sync.outbox import Outbox
+
+    outbox = cfg.outbox_dir.resolve()
+    if not cfg.outbox_dir.is_dir() or not any(p.resolve().is_relative_to(outbox) for p in paths):
+        return 0, ""
+    acked = Outbox(cfg.outbox_dir).highest_acked()
+    if acked is None:
+        return 0, ""
+    return acked + 1, (f"chain checked from seq {acked + 1}: segments up to {acked} were "
+                       "acknowledged by central and removed from the outbox")
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -223,12 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except ApplianceError as err:
         print(f"appliance: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away ('appliance status | head'): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def dump_json(obj: object) -> None:

@@ -226,6 +226,18 @@ class UplinkSection(_Section):
         "stop-new-calls", description="when the outbox is full of unsent segments")
 
 
+class HealthSection(_Section):
+    watchdog_s: Annotated[float, Field(
+        ge=1.0, le=600.0,
+        description="appliance run: a stage silent this long (no WATCHDOG=1) is restarted")] = 30.0
+    unsent_limit_s: Annotated[float, Field(
+        ge=10.0, le=30 * 86400.0,
+        description="status: attention when the oldest unsent segment is older")] = 900.0
+    drain_on_stop_s: Annotated[float, Field(
+        ge=0.0, le=600.0,
+        description="appliance run: on stop, let the uplink send the outbox for up to this")] = 10.0
+
+
 class Config(_Section):
     device: DeviceSection = Field(default_factory=DeviceSection)
     paths: PathsSection = Field(default_factory=PathsSection)
@@ -234,6 +246,7 @@ class Config(_Section):
     recorder: RecorderSection = Field(default_factory=RecorderSection)
     seal: SealSection = Field(default_factory=SealSection)
     uplink: UplinkSection = Field(default_factory=UplinkSection)
+    health: HealthSection = Field(default_factory=HealthSection)
 
     @model_validator(mode="after")
     def _unique_streams(self) -> Config:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from appliance import procs
+from linerec_contract.durable import ensure_dir
 from linerec_contract.errors import StateDirError
 
 DEVICE_ID = "demo-box-1"
@@ -27,7 +31,7 @@ def _prepare_folder(folder: Path | None) -> Path:
     if folder is None:
         folder = Path.cwd() / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_dir(folder)
         probe = folder / ".write-test"
         probe.write_text("ok")
         probe.unlink()
@@ -78,6 +82,13 @@ ack_timeout_s = 10.0
 """
 
 
+@dataclass
+class StopReport:
+    broker_alive: bool
+    """Whether the broker was still running when the demo stopped."""
+    box_code: int
+
+
 class Demo:
     """Starts and stops the demo's processes in order."""
 
@@ -90,8 +101,8 @@ class Demo:
         self.folder = folder
         self.central_home = folder / "central"
         self.box_dir = folder / "box"
-        (self.box_dir / "keys").mkdir(parents=True, exist_ok=True)
-        (self.box_dir / "logs").mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.box_dir / "keys", 0o700)
+        ensure_dir(self.box_dir / "logs")
         # Central is another program: the demo drives it through its command line only.
         recipient = self._central("init").split()[0]
         box_key = DeviceKey.load_or_create(self.box_dir / "keys" / "device.key")
@@ -123,18 +134,17 @@ class Demo:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.box_dir / "logs" / f"{name}.log").open("ab") as log:
             # A session of its own: Ctrl-C reaches the demo, which stops everything in order.
-            return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+            # Owned: if the demo dies however it dies, the kernel stops these too.
+            return procs.spawn(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
-    def stop(self) -> None:
-        for proc in (self.box, self.receiver):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    def stop(self) -> StopReport:
+        """Stop in order: the box (capture, then the recorder seals what it holds, then the
+        uplink sends what it can: see :mod:`appliance.supervisor`), then central, the broker."""
+        broker_alive = self.broker.running
+        box_code = procs.stop(self.box, grace_s=60.0)
+        procs.stop(self.receiver, grace_s=20.0)
         self.broker.stop()
+        return StopReport(broker_alive=broker_alive, box_code=box_code)
 
     def read_status(self) -> dict[str, Any]:
         run = self.box_dir / "run"
@@ -179,7 +189,6 @@ def run_demo(*, seconds: float, lines: int, folder: Path | None, fast: bool) -> 
     tty = sys.stdout.isatty()
     start = time.monotonic()
     last_print = 0.0
-    interrupted = False
     try:
         while True:
             elapsed = time.monotonic() - start
@@ -196,13 +205,20 @@ def run_demo(*, seconds: float, lines: int, folder: Path | None, fast: bool) -> 
                 last_print = elapsed
             time.sleep(1.0)
     except KeyboardInterrupt:
-        interrupted = True
+        print("\nCtrl-C: stopping", flush=True)
     finally:
-        _wait_for_upload(demo, timeout_s=15.0)
-        demo.stop()
+        print("stopping: capture, then the recorder seals open calls, then the uplink sends "
+              "the outbox (bounded)", flush=True)
+        # A second Ctrl-C while stopping would leave the archive short: stop once, in order.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            report = demo.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     print(render(demo.read_status(), time.monotonic() - start, seconds))
+    _print_outcome(demo, report)
     _print_next_steps(folder)
-    return 130 if interrupted else 0
+    return 0
 
 
 def _drained(demo: Demo) -> bool:
@@ -212,29 +228,55 @@ def _drained(demo: Demo) -> bool:
     return bool(done and st.get("uplink", {}).get("backlog", {}).get("segments", 1) == 0)
 
 
-def _wait_for_upload(demo: Demo, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        backlog = demo.read_status().get("uplink", {}).get("backlog", {}).get("segments")
-        if backlog == 0:
-            return
-        time.sleep(0.5)
+def _print_outcome(demo: Demo, report: StopReport) -> None:
+    """What reached central and what did not, and why."""
+    from appliance.sync.outbox import Outbox
+
+    outbox = demo.box_dir / "outbox"
+    left = Outbox(outbox).backlog().segments if outbox.is_dir() else 0
+    if not report.broker_alive:
+        print("ATTENTION: the MQTT broker had died before the demo stopped "
+              f"(see {demo.folder / 'broker'}): uploads stopped then")
+    if report.box_code not in (0, -signal.SIGTERM):
+        print(f"ATTENTION: the box exited with code {report.box_code} "
+              f"(see {demo.box_dir / 'logs' / 'box.log'})")
+    if left:
+        up = demo.read_status().get("uplink", {})
+        if not report.broker_alive:
+            why = "the broker died"
+        elif up.get("link") != "ready":
+            why = f"the link was {up.get('link', 'not up')}"
+        else:
+            why = "they were not acknowledged before the stop's time bound"
+        print(f"{left} segments are still in the outbox ({outbox}): {why}; "
+              "they are sent when the box runs again")
+    else:
+        print("outbox empty: every sealed segment reached central")
+
+
+def _central_cmd() -> str:
+    """The archive's command as an absolute path: it works without .venv/bin on PATH."""
+    exe = Path(sys.executable).parent / "appliance-central"
+    if exe.is_file():
+        return shlex.quote(str(exe))
+    found = shutil.which("appliance-central")
+    return shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m central"
 
 
 def _print_next_steps(folder: Path) -> None:
     home = folder / "central"
-    env = dict(os.environ)
     result = subprocess.run(
         [sys.executable, "-m", "central", "--home", str(home), "calls", "--json"],
-        capture_output=True, text=True, env=env, check=False)
+        capture_output=True, text=True, check=False)
     calls: list[dict[str, Any]] = []
     with contextlib.suppress(ValueError):
         calls = json.loads(result.stdout or "[]")
-    example = calls[0]["call_id"] if calls else "CALL_ID"
+    example = shlex.quote(str(calls[0]["call_id"])) if calls else "CALL_ID"
+    cmd = f"{_central_cmd()} --home {shlex.quote(str(home))}"
     print(f"""
 {len(calls)} calls archived at central: {home / 'store'}
-  list them:    appliance-central --home {home} calls
-  export one:   appliance-central --home {home} export {example} --out call.wav
-  segments:     appliance-central --home {home} segments --json
-  audit chain:  appliance-central --home {home} verify
+  list them:    {cmd} calls
+  export one:   {cmd} export {example} --out call.wav
+  segments:     {cmd} segments --json
+  audit chain:  {cmd} verify
 box logs: {folder / 'box' / 'logs'}""")

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from linerec_contract.durable import atomic_write
+from linerec_contract.durable import atomic_write, ensure_dir
 from linerec_contract.errors import FormatError, StateDirError
 from linerec_contract.protocol import DEVICE_ID_RE
 
@@ -190,7 +190,7 @@ def ensure_pki(dir: Path, clients: list[str]) -> Pki:
     for name in clients:
         _check_name(name)
     try:
-        (dir / "clients").mkdir(parents=True, exist_ok=True)
+        ensure_dir(dir / "clients", 0o700)
     except OSError as err:
         raise StateDirError(f"cannot create PKI folder {dir / 'clients'}: {err.strerror}") from err
 

@@ -10,10 +10,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance import sdnotify
 from appliance.config import Config
+from linerec_contract.durable import ensure_dir, write_status
 from linerec_contract.errors import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.sync.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,8 @@ def run_capture_stage(cfg: Config, stream_name: str, stop: threading.Event) -> N
     if stream_name not in sections:
         raise ConfigError(f"capture stream {stream_name!r} is not configured "
                           f"(configured: {', '.join(sections)})")
-    cfg.ring_path(stream_name).parent.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.ring_path(stream_name).parent)
+    ensure_dir(cfg.run_dir)
     run_capture(cfg, sections[stream_name], stop)
 
 
@@ -64,7 +71,7 @@ def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.recorder.service import Recorder
     from linerec_contract.identity import DeviceKey
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.run_dir)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
     recorder = Recorder(cfg, recipients=load_recipients(cfg), key=key)
     recorder.run(stop, status_path=cfg.run_dir / "recorder.json")
@@ -74,12 +81,16 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.sync.outbox import outbox_for
     from appliance.sync.uplink_base import UplinkBase
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.run_dir)
     outbox = outbox_for(cfg)
     u = cfg.uplink
     if u.transport == "none":
         log.info("uplink.transport = 'none': segments stay in the outbox")
-        stop.wait()
+        notifier = sdnotify.notifier()
+        while not stop.is_set():
+            notifier.watchdog()
+            _none_status(cfg, outbox)
+            stop.wait(notifier.max_wait(1.0))
         return
     ca, cert, key = cfg.tls_paths()
     for what, path in (("uplink.ca", ca), ("uplink.cert", cert), ("uplink.key", key)):
@@ -103,3 +114,15 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
                         ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
                         chunk_bytes=u.chunk_bytes)
     uplink.run(stop)
+
+
+def _none_status(cfg: Config, outbox: Outbox) -> None:
+    """The status file of an uplink that sends nothing (``transport = "none"``)."""
+    try:
+        b = outbox.backlog()
+        write_status(cfg.run_dir / "uplink.json", {
+            "ts": time.time(), "link": "none", "transport": "none", "alarms": [],
+            "last_ack_ts": None, "backlog": {"segments": b.segments, "bytes": b.bytes,
+                                             "oldest_age_s": round(b.oldest_age_s, 3)}})
+    except OSError as err:  # advisory: never stop the stage for a status file
+        log.warning("uplink: status file: %s", err.strerror)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from linerec_contract.durable import atomic_write, atomic_write_json, fsync_dir
+from linerec_contract.durable import atomic_write, atomic_write_json, ensure_dir, fsync_dir
 from linerec_contract.errors import ConfigError, FormatError, StateDirError
 from linerec_contract.identity import (
     decode_public,
@@ -45,18 +45,7 @@ CONFIG_NAME = "central.toml"
 
 def make_dirs(path: Path) -> None:
     """Create ``path`` and any missing parents, each creation made durable."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=0o755)
-        except FileExistsError:
-            continue
-        # Durability: a new folder survives a power cut only once its parent is synced.
-        fsync_dir(folder.parent)
+    ensure_dir(path, 0o755)
 
 
 def check_device_id(dev: str) -> str:
@@ -382,10 +371,8 @@ def init_home(path: Path) -> Home:
         make_dirs(home.root)
         for folder in (home.devices_dir, home.store_dir, home.quarantine_dir):
             make_dirs(folder)
-        if not home.keys_dir.exists():
-            home.keys_dir.mkdir(mode=0o700)
-            # Durability: the keys folder must exist after a power cut before keys go in it.
-            fsync_dir(home.root)
+        # The keys folder must exist after a power cut before keys go in it (ensure_dir syncs).
+        ensure_dir(home.keys_dir, 0o700)
         if home.identity_path.exists():
             secret = home.identity()
         else:

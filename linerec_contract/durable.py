@@ -23,6 +23,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ensure_dir(path: Path, mode: int = 0o750) -> None:
+    """Create ``path`` and every missing level above it, durably; a no-op when it exists.
+
+    Raises OSError when ``path`` (or a level above it) exists and is not a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing: list[Path] = []
+    level = path
+    while not level.is_dir():
+        missing.append(level)
+        if level.parent == level:
+            break
+        level = level.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, mode)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(folder)) from None
+            continue
+        # Durability: a new folder's entry lives in its parent; sync it so the folder (and
+        # whatever is later made durable inside it) survives a power cut.
+        fsync_dir(folder.parent)
+
+
 def tmp_name(path: Path) -> Path:
     """The temporary sibling used while ``path`` is being written (ignored by readers)."""
     return path.with_name(f".{path.name}.tmp")

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from linerec_contract.durable import atomic_write
+from linerec_contract.durable import atomic_write, ensure_dir
 from linerec_contract.errors import FormatError
 
 KEY_FILE_MODE = 0o600
@@ -99,7 +99,7 @@ class DeviceKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(path.parent, 0o700)
         atomic_write(path, pem, mode=KEY_FILE_MODE)
 
     def sign(self, data: bytes) -> bytes:

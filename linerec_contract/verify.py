@@ -64,10 +64,21 @@ def _check_signature(seg: SealedSegment, public_b64: str) -> None:
 
 
 def _check_payload(seg: SealedSegment) -> None:
-    size, wanted = len(seg.payload), seg.manifest["payload_bytes"]
+    check_payload_digest(seg, len(seg.payload), hashlib.sha256(seg.payload).hexdigest())
+
+
+def verify_manifest(seg: SealedSegment, public_b64: str) -> None:
+    """Schema and signature only: the payload is checked by :func:`check_payload_digest`
+    (for payloads hashed while they are read, never held in memory)."""
+    _check_schema(seg)
+    _check_signature(seg, public_b64)
+
+
+def check_payload_digest(seg: SealedSegment, size: int, digest: str) -> None:
+    """The payload's size and SHA-256, measured elsewhere, against the signed manifest."""
+    wanted = seg.manifest["payload_bytes"]
     if size != wanted:
         raise VerificationError(f"{_name(seg)}: payload is {size} bytes, manifest says {wanted}")
-    digest = hashlib.sha256(seg.payload).hexdigest()
     if digest != seg.manifest["payload_sha256"]:
         raise VerificationError(
             f"{_name(seg)}: payload SHA-256 {digest[:16]}... differs from the manifest's "
@@ -191,6 +202,7 @@ def _gap_reason(start: int, end: int, later: list[SealedSegment]) -> str:
 
 def _audit_device(
     device: str, segs: list[SealedSegment], trust: DeviceTrust | None, start_seq: int | None,
+    check_payloads: bool = True,
 ) -> list[ChainIssue]:
     issues: list[ChainIssue] = []
     trusted: dict[int, list[SealedSegment]] = defaultdict(list)
@@ -211,7 +223,8 @@ def _audit_device(
                 "duplicate", seq,
                 f"{device}/{seq}: {len(trusted[seq]) + 1} different manifests claim this seq"))
         try:
-            _check_payload(seg)
+            if check_payloads:
+                _check_payload(seg)
         except VerificationError as err:
             issues.append(ChainIssue("bad-hash", seq, str(err)))
         trusted[seq].append(seg)
@@ -259,7 +272,7 @@ def _check_link(
 
 def audit_chain(
     segments: Iterable[SealedSegment], trust: Mapping[str, DeviceTrust], *,
-    start_seq: int | None = FIRST_SEQ,
+    start_seq: int | None = FIRST_SEQ, check_payloads: bool = True,
 ) -> list[ChainIssue]:
     """Audit the chains of all devices in ``segments`` (any order), each against its own keys.
 
@@ -267,6 +280,7 @@ def audit_chain(
     it has no trusted key. Rotations announced in a trusted manifest (``next_signing_key``) are
     learnt while walking the chain in seq order (see :mod:`linerec_contract.trust`).
     ``start_seq`` is the seq the chain must start at (None: start at the lowest present).
+    ``check_payloads=False``: the caller verified the payloads already (streamed).
     """
     by_device: dict[str, list[SealedSegment]] = defaultdict(list)
     issues: list[ChainIssue] = []
@@ -279,5 +293,6 @@ def audit_chain(
             continue
         by_device[device].append(seg)
     for device in sorted(by_device):
-        issues.extend(_audit_device(device, by_device[device], trust.get(device), start_seq))
+        issues.extend(_audit_device(device, by_device[device], trust.get(device), start_seq,
+                                    check_payloads))
     return issues

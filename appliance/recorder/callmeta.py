@@ -35,6 +35,9 @@ class OpenCall:
     caller_id: dict[str, Any] | None = None
     dialled: str = ""
     masked_digits: int = 0
+    resumed: dict[str, Any] | None = None
+    """After a clean stop: the gap note of the downtime, until the audio after the restart
+    shows whether the call goes on (see ``Recorder._resume_after_stop``)."""
 
     def to_state(self) -> dict[str, Any]:
         return dict(self.__dict__)

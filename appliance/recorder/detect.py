@@ -298,6 +298,18 @@ class CallDetector:
         return events
 
     @property
+    def idle(self) -> bool:
+        """True when neither a call nor an onset is open."""
+        return self._mode == _IDLE
+
+    def suspend(self) -> None:
+        """Forget the open call or onset but keep the noise floor: the box was stopped, and
+        the audio after the restart must start a call afresh (the recorder then decides whether
+        it is the same call going on)."""
+        self._prev_end = self._next or 0
+        self._mode, self._run, self._flat, self._onset_frames = _IDLE, 0, 0, 0
+
+    @property
     def voice_start(self) -> int:
         """First voice frame of the open call (or onset)."""
         return self._run_start

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from linerec_contract.durable import atomic_write_json
+from linerec_contract.durable import atomic_write_json, ensure_dir
 from linerec_contract.errors import FormatError
 
 SILENCE = "silence"
@@ -91,7 +91,7 @@ def request_pause(state_dir: Path, line: str, paused: bool, *, wall_ns: int | No
     handler). The request takes effect at the audio captured at ``wall_ns`` (default: now).
     Requests queue up in one small file per line; returns the new request's id."""
     path = _pause_path(state_dir, line)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     queue = read_pause_requests(state_dir, line)
     req_id = queue[-1]["id"] + 1 if queue else 1
     when = time.time_ns() if wall_ns is None else wall_ns

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance import sdnotify
 from appliance.buffer import Flags, Gap, Record, RingReader
 from appliance.config import CaptureSection, Config
 from appliance.recorder.callmeta import INBOUND_WINDOW_S, OpenCall, avoid_leaks, part_meta
@@ -36,7 +37,7 @@ from appliance.recorder.lineproc import Analysis
 from appliance.recorder.lines import LineState, line_setup
 from appliance.recorder.spool import Spool, remove_unreferenced
 from appliance.sync.outbox import outbox_for
-from linerec_contract.durable import atomic_write_json, fsync_dir, write_status
+from linerec_contract.durable import atomic_write_json, ensure_dir, fsync_dir, write_status
 from linerec_contract.errors import ApplianceError, ConfigError, FormatError
 from linerec_contract.identity import DeviceKey
 from linerec_contract.manifest import FIRST_SEQ
@@ -77,6 +78,8 @@ class StreamState:
     anchor: tuple[int, int] = (0, 0)
     lines: list[LineState] = field(default_factory=list)
     gap_reason: str = "lost"
+    stopped_at: int | None = None
+    """Where the journal was when the recorder last stopped cleanly (until the next record)."""
 
     def wall_ns(self, frame: int) -> int:
         anchor_frame, anchor_wall = self.anchor
@@ -94,7 +97,8 @@ class Recorder:
         self.key = key
         self.dir = cfg.state_dir / "recorder"
         self.spool_dir = self.dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.dir)
+        ensure_dir(self.spool_dir, 0o700)  # call audio
         self.state_path = self.dir / "state.json"
         # The quota and disk-full policy live in the outbox (uplink.outbox_max_mb, ...).
         self.outbox = outbox_for(cfg)
@@ -110,6 +114,9 @@ class Recorder:
         self._last_status = 0.0
         self.caught_up = False
         self.alarms: list[dict[str, Any]] = []
+        self._spool_losses: list[tuple[LineState, int, int, bool]] = []
+        self._retired: list[Spool] = []
+        """Spools of discarded calls: the checkpoint still names them until the next one."""
         self.streams = [
             StreamState(section=s, path=cfg.ring_path(s.name)) for s in cfg.capture
         ]
@@ -145,6 +152,11 @@ class Recorder:
                 self.outbox.discard_prepared(seq)
         keep = {ln.spool.path for s in self.streams for ln in s.lines if ln.spool is not None}
         remove_unreferenced(self.spool_dir, keep)
+        for line, kept, committed, found in self._spool_losses:
+            self._spool_lost(line, kept, committed, found)
+        self._spool_losses = []
+        if self._pending:
+            self._seal_pending()
         if self.rotation is not None and self.rotation["seq"] < self.next_seq:
             self._finish_rotation()
 
@@ -185,14 +197,37 @@ class Recorder:
         stream.expect_frame = st["expect_frame"]
         stream.rate = st["rate"]
         stream.anchor = (st["anchor"][0], st["anchor"][1])
+        stream.stopped_at = st.get("stopped_at")
         for ln in st["lines"]:
             line = LineState.from_state(ln, line_setup(self.cfg.recorder, ln["line"], stream.rate))
             if ln["call"] is not None:
                 line.call = OpenCall(**ln["call"])
                 line.spool = Spool(self.spool_dir, line.line, ln["spool_gen"])
-                # Frames appended after the checkpoint are read from the journal again.
-                line.spool.truncate(ln["spool_frames"])
+                committed = int(ln["spool_frames"])
+                if line.spool.frames < committed:
+                    # Frames the checkpoint declared durable are gone: never sealed as silence.
+                    self._spool_losses.append((line, line.spool.frames, committed,
+                                               line.spool.found))
+                else:
+                    # Frames appended after the checkpoint are read from the journal again.
+                    line.spool.truncate(committed)
             stream.lines.append(line)
+
+    def _spool_lost(self, line: LineState, kept: int, committed: int, found: bool) -> None:
+        """The open part's spool is missing or shorter than the checkpoint says: what is left
+        is sealed as a part of its own and the next part starts after the lost frames, with a
+        gap note naming them; the loss is raised as an alarm."""
+        assert line.call is not None and line.spool is not None
+        call = line.call
+        at, lost = call.part_start_frame + kept, committed - kept
+        log.error("line %s: spool %s %s: %d frames of call %s lost at frame %d", line.line,
+                  line.spool.path.name, "short" if found else "missing", lost, call.call_id, at)
+        self._alarm("spool-lost", line=line.line, call_id=call.call_id, at_frame=at,
+                    frames=lost, spool="short" if found else "missing")
+        if kept > 0:
+            self._cut_part(line, kept)
+        call.part_start_frame = at + lost
+        call.gaps.append({"reason": "spool-lost", "at_frame": at, "frames": lost})
 
     # -- checkpoint -------------------------------------------------------------------------
 
@@ -205,6 +240,7 @@ class Recorder:
                 "rate": s.rate,
                 "anchor": list(s.anchor),
                 "lines": [ln.to_state() for ln in s.lines],
+                "stopped_at": s.stopped_at,
             }
         return {
             "v": STATE_VERSION,
@@ -222,8 +258,12 @@ class Recorder:
                 if ln.spool is not None:
                     ln.spool.sync()
         # Durability: this file is the recorder's commit point (cursor, detectors, next_seq).
-        atomic_write_json(self.state_path, self._state())
+        # 0600: open calls' metadata (caller ID, and the digits dialled when masking is off).
+        atomic_write_json(self.state_path, self._state(), mode=0o600)
         self._last_checkpoint = time.monotonic()
+        for spool in self._retired:
+            spool.remove()
+        self._retired = []
 
     # -- processing -------------------------------------------------------------------------
 
@@ -305,8 +345,12 @@ class Recorder:
                 reason = "xrun"
             elif first.flags & Flags.GAP:
                 reason = "capture-gap"
-            self._handle_gap(stream, stream.expect_frame, lost, reason)
+            if lost > 0 and stream.stopped_at == stream.expect_frame:
+                self._resume_after_stop(stream, stream.expect_frame, lost, reason)
+            else:
+                self._handle_gap(stream, stream.expect_frame, lost, reason)
         stream.gap_reason = "lost"
+        stream.stopped_at = None
         stream.anchor = (first.frame_pos, first.wall_ns)
         payload = b"".join(r.payload for r in batch)
         frames = last.frame_pos + last.frames - first.frame_pos
@@ -351,6 +395,43 @@ class Recorder:
                 self._close_call(line, line.call.part_start_frame + line.spool.frames)
             line.detector = CallDetector(line.setup.detector)
 
+    def _resume_after_stop(self, stream: StreamState, at: int, frames: int, reason: str) -> None:
+        """The first audio after a clean stop, ``frames`` after the last audio before it.
+
+        The downtime is not silence the detector may end a call on: each open call waits for
+        the audio after the restart. Voice within the stop delay continues it as its next part
+        (``_continue_call``); otherwise it ended while the box was down, and its held-back
+        tail is sealed as its last part (``_detect``). Either way the downtime is a gap note.
+        """
+        log.info("stream %s: %d frames (%.1f s) not captured while the box was stopped",
+                 stream.section.name, frames, frames / max(stream.rate, 1))
+        note = {"at_frame": at, "frames": frames, "reason": reason}
+        for line in stream.lines:
+            if line.call is not None and line.spool is not None:
+                line.detector.suspend()
+                line.call.resumed = note
+
+    def _continue_call(self, stream: StreamState, line: LineState, block_start: int,
+                       seq: int | None) -> None:
+        """Voice after the restart: the call stopped with the box goes on as its next part,
+        from the first frame captured after the restart."""
+        assert line.call is not None and line.spool is not None and line.call.resumed is not None
+        note = line.call.resumed
+        if line.spool.frames > 0:
+            self._cut_part(line, line.spool.frames)
+        history, first = self._history(stream, line.channel, note["at_frame"] + note["frames"],
+                                       block_start, seq)
+        # A new object: the events of the block being processed are added from the analyzer's
+        # memory below, not a second time by _process_line.
+        call = line.call = line.call.copy()
+        call.resumed = None
+        call.part_start_frame = first
+        call.gaps.append({**note, "frames": first - note["at_frame"]})
+        line.spool.append(line.analyzer.mask(history, first))
+        for e in line.analyzer.recent:
+            if e["frame"] >= first:
+                call.add(e)
+
     def _process_line(self, stream: StreamState, line: LineState, start: int,
                       block: np.ndarray, seq: int | None) -> None:
         """Analysis first (DTMF, tones, caller ID, masks), then call detection on the same block,
@@ -381,7 +462,7 @@ class Recorder:
                 ev = line.detector.force_end(frame, tone_start)
             if ev is not None and line.call is not None and line.spool is not None:
                 self._end_call(line, ev, frame, an, opened)
-        if line.call is not None and line.call is opened:
+        if line.call is not None and line.call is opened and opened.resumed is None:
             for e in an.events:
                 line.call.add(e)
         line.health.measure(block)
@@ -395,7 +476,10 @@ class Recorder:
         end = start + len(block)
         pos = start
         for ev in events:
-            if ev.kind == CALL_START:
+            if ev.kind == CALL_START and line.call is not None and line.call.resumed is not None:
+                self._continue_call(stream, line, start, seq)
+                pos = start
+            elif ev.kind == CALL_START:
                 if not self.outbox.accepting_new_calls():
                     self._refuse_call(stream, line, ev.frame)
                     continue
@@ -406,15 +490,27 @@ class Recorder:
                     self._append(line, block[pos - start:ev.frame - start])
                 self._end_call(line, ev, pos, an, opened)
                 pos = end
-        if line.call is not None:
+        if line.call is not None and line.call.resumed is None:
             self._append(line, block[pos - start:])
+        elif line.call is not None and line.detector.idle:
+            note = line.call.resumed
+            assert note is not None and line.spool is not None
+            if end - (note["at_frame"] + note["frames"]) >= line.setup.stop_delay_s * stream.rate:
+                self._end_stopped_call(line)
+
+    def _end_stopped_call(self, line: LineState) -> None:
+        """No voice within the stop delay after the restart: the call ended while the box was
+        down. Its held-back tail is its last part, with the downtime's gap note."""
+        assert line.call is not None and line.spool is not None
+        self._close_call(line, line.call.part_start_frame + line.spool.frames)
 
     def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis,
                   opened: OpenCall | None) -> None:
         assert line.call is not None and line.spool is not None
         if ev.frame <= pos:
-            line.spool.truncate(max(ev.frame - line.call.part_start_frame, 0))
-        if ev.kind == "call_end":
+            line.spool.cut(max(ev.frame - line.call.part_start_frame, 0))
+        if ev.kind == "call_end" or line.call.part > 0:
+            # A call with sealed parts is never discarded (e.g. continued after a stop).
             if line.call is opened:
                 for e in an.events:
                     if e["frame"] < ev.frame:
@@ -422,12 +518,15 @@ class Recorder:
             self._close_call(line, ev.frame)
         else:
             line.analyzer.end_pause(ev.frame)
-            line.spool.remove()
+            self._retired.append(line.spool)
             line.call, line.spool = None, None
 
     def _close_call(self, line: LineState, end: int) -> None:
         """The open call ends at ``end``: its last part is sealed with the record."""
         assert line.call is not None and line.spool is not None
+        if line.call.resumed is not None:  # it ended while the box was stopped
+            line.call.gaps.append(line.call.resumed)
+            line.call.resumed = None
         pause = line.analyzer.end_pause(end)
         if pause is not None:
             line.call.add(pause)
@@ -480,7 +579,7 @@ class Recorder:
         s = seq - 1
         while earliest > first and s >= 0:
             rec = stream.reader.get(s) if stream.reader is not None else None
-            if rec is None or rec.frame_pos + rec.frames > earliest:
+            if rec is None or rec.frame_pos + rec.frames != earliest:  # only contiguous audio
                 break
             pcm = np.frombuffer(rec.payload, dtype="<i2").reshape(rec.frames, rec.channels)
             lo = max(rec.frame_pos, first)
@@ -496,19 +595,25 @@ class Recorder:
         hold = int((line.setup.stop_delay_s + 1.0) * self._rate_of(line))
         while line.spool.frames >= part_frames + hold:
             # Cut a full part; the rest moves to a fresh spool (a call end can still trim it).
-            old, call = line.spool, line.call
-            rest = old.read(part_frames)
-            before = call.split(call.part_start_frame + part_frames)
-            if line.analyzer.paused_since is not None:  # a pause window still open
-                before.append({"kind": "pause", "frame": line.analyzer.paused_since, "end": None,
-                               "by": line.analyzer.paused_by})
-            self._pending.append(PendingSeal(line, call.copy(), old, part_frames, last=False,
-                                             events=before))
-            call.part += 1
-            call.part_start_frame += part_frames
-            call.gaps = []
-            line.spool = self._new_spool(line.line)
-            line.spool.append(rest)
+            self._cut_part(line, part_frames)
+
+    def _cut_part(self, line: LineState, frames: int) -> None:
+        """The first ``frames`` of the open part are sealed (not as the last part) with this
+        record; the call goes on in a fresh spool with the rest."""
+        assert line.call is not None and line.spool is not None
+        old, call = line.spool, line.call
+        rest = old.read(frames)
+        before = call.split(call.part_start_frame + frames)
+        if line.analyzer.paused_since is not None:  # a pause window still open
+            before.append({"kind": "pause", "frame": line.analyzer.paused_since, "end": None,
+                           "by": line.analyzer.paused_by})
+        self._pending.append(PendingSeal(line, call.copy(), old, frames, last=False,
+                                         events=before))
+        call.part += 1
+        call.part_start_frame += frames
+        call.gaps = []
+        line.spool = self._new_spool(line.line)
+        line.spool.append(rest)
 
     def _rate_of(self, line: LineState) -> int:
         for s in self.streams:
@@ -555,10 +660,12 @@ class Recorder:
         # first manifest sealed from now on: central sees every loss in the chain.
         announce = self.outbox.pending_losses() + list(self.unrecorded)
         announced: list[dict[str, Any]] = []
+        orphan_notes: list[dict[str, Any]] = []
         for p in pending:
             stream = self._stream_of(p.line)
             if p.frames <= 0:
-                p.spool.remove()
+                # No audio to seal, but the losses noted for it still reach central.
+                orphan_notes += [{**g, "line": p.line.line} for g in p.call.gaps]
                 continue
             pcm = p.spool.read(0, p.frames)
             start = p.call.part_start_frame
@@ -590,6 +697,7 @@ class Recorder:
             self.sealed += 1
             log.info("sealed segment %d: line %s call %s part %d (%d frames%s)", seg.seq,
                      p.line.line, p.call.call_id, p.call.part, p.frames, ", last" if p.last else "")
+        self.unrecorded += orphan_notes
         # Phase 2: the checkpoint moves next_seq past the prepared segments.
         self.checkpoint()
         # Phase 3: publish them, then drop the spools they came from.
@@ -601,6 +709,29 @@ class Recorder:
         for p in pending:
             p.spool.remove()
         self._finish_rotation()
+
+    def seal_open_parts(self) -> None:
+        """Clean stop: each open call's audio so far is sealed as a part (not its last), through
+        the usual commit with the outbox, so it reaches central while the box is down. A tail
+        of stop delay + 1 s stays in the durable spool, as at a max_segment_s cut: it becomes
+        the call's last part if the call turns out to have ended, so no call is left without
+        one. The next start continues the calls (``_resume_after_stop``)."""
+        for stream in self.streams:
+            for line in stream.lines:
+                if line.call is None or line.spool is None:
+                    continue
+                if line.call.resumed is not None:  # stopped again before the call showed up
+                    self._end_stopped_call(line)
+                    continue
+                hold = int((line.setup.stop_delay_s + 1.0) * stream.rate)
+                if line.spool.frames > hold:
+                    self._cut_part(line, line.spool.frames - hold)
+            stream.stopped_at = stream.expect_frame
+        if self._pending:
+            self._seal_pending()
+        else:
+            self.checkpoint()
+        log.info("stopped: open calls sealed, next segment %d", self.next_seq)
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -627,6 +758,7 @@ class Recorder:
     def run(self, stop: threading.Event, status_path: Path | None = None) -> None:
         try:
             while not stop.is_set():
+                sdnotify.notifier().watchdog()  # analysis stuck in step() stops the keep-alives
                 handled = self.step()
                 self.caught_up = handled == 0
                 now = time.monotonic()
@@ -635,7 +767,9 @@ class Recorder:
                     self._last_status = now
                 if not handled:
                     stop.wait(0.02)
+            # After a failure there is no consistent instant to save: the restart resumes from
+            # the last checkpoint, as after a crash.
+            self.seal_open_parts()
         finally:
-            self.checkpoint()
             if status_path is not None:
                 write_status(status_path, self.status())

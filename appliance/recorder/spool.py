@@ -25,12 +25,24 @@ class Spool:
     def __init__(self, folder: Path, line: str, gen: int) -> None:
         self.path = folder / f"{line}.{gen}.pcm"
         self.gen = gen
+        self.found = self.path.exists()
+        """False when the file did not exist (it is created empty)."""
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not self.found:
+            # Durability: the next checkpoint names this file; its folder entry must survive a
+            # power cut with it, or the part's committed audio would be lost.
+            fsync_dir(folder)
         self.frames = os.fstat(self._fd).st_size // BYTES_PER_FRAME
 
     def truncate(self, frames: int) -> None:
         os.ftruncate(self._fd, frames * BYTES_PER_FRAME)
         self.frames = frames
+
+    def cut(self, frames: int) -> None:
+        """Drop the frames from ``frames`` on (a call end trims its trailing silence). Only the
+        length in use changes: the file keeps its bytes, so a crash before the next checkpoint
+        still finds every frame the last checkpoint declared (a shorter file means a loss)."""
+        self.frames = min(frames, self.frames)
 
     def append(self, pcm: np.ndarray) -> None:
         data = np.ascontiguousarray(pcm, dtype="<i2").tobytes()

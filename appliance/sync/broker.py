@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from appliance.pki import Pki
+from appliance.procs import owned_preexec
 from linerec_contract.errors import ApplianceError, DependencyError
 from linerec_contract.protocol import MAX_PACKET_BYTES, TOPIC_ROOT
 
@@ -186,7 +187,7 @@ class Broker:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=err_file, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=owned_preexec(),  # dies with us
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

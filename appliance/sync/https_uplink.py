@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance import sdnotify
 from appliance.sync.outbox import Outbox
 from appliance.sync.uplink_base import (
     DEFAULT_CHUNK_BYTES,
@@ -79,6 +80,7 @@ class HttpsUplink(UplinkBase):
         next_rescan = next_status = next_try = 0.0
         try:
             while not stop.is_set():
+                sdnotify.notifier().watchdog()
                 now = time.monotonic()
                 if now >= next_status:
                     self._housekeeping()

@@ -49,7 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from linerec_contract.durable import atomic_write, atomic_write_json, durable_unlink, fsync_dir
+from linerec_contract.durable import (
+    atomic_write,
+    atomic_write_json,
+    durable_unlink,
+    ensure_dir,
+    fsync_dir,
+)
 from linerec_contract.errors import ApplianceError, FormatError, StateDirError
 from linerec_contract.manifest import MAX_SEQ
 
@@ -116,7 +122,7 @@ class Outbox:
         self.reserve_bytes = reserve_bytes
         self.rejected_dir = path / REJECTED_DIR
         try:
-            self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.rejected_dir)
         except OSError as err:
             raise StateDirError(f"cannot create outbox folder {self.rejected_dir}: "
                                 f"{err.strerror}") from err
@@ -171,7 +177,8 @@ class Outbox:
         # Durability: the blob is written under a temporary name, fsynced, renamed to its
         # prepared name and the folder synced: after a power cut prepared() reports only
         # complete blobs, which the recorder may then commit or discard.
-        atomic_write(self.prep_path(seq), blob)
+        # 0600: the clear manifest is call metadata (line, call id, times).
+        atomic_write(self.prep_path(seq), blob, mode=0o600)
 
     def commit(self, seq: int) -> None:
         """Make a prepared segment visible to the uplink (one atomic rename)."""

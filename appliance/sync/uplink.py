@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance import __version__
+from appliance import __version__, sdnotify
 from appliance.sync.outbox import Outbox
 from appliance.sync.uplink_base import (
     DEFAULT_CHUNK_BYTES,
@@ -297,6 +297,7 @@ class Uplink(UplinkBase):
         next_status = 0.0
         try:
             while not stop.is_set():
+                sdnotify.notifier().watchdog()
                 now = time.monotonic()
                 with self._lock:
                     lost, link, gen = self._lost, self._link, self._ready_gen

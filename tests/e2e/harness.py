@@ -7,8 +7,6 @@ The only thing simulated is the phone line itself (there is no line to tap here)
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import soundfile
 
 from appliance.audio.simulator import LineSimulator
 from appliance.demo import DEVICE_ID, Demo
+from tests.box.support import kill_tree
 
 SIM_SEED = 7  # the demo config's sim_seed
 RATE = 8000
@@ -67,8 +66,9 @@ class Pipeline:
 
     def kill_box(self) -> None:
         """SIGKILL every box process at once: the supervisor and all its stages (a power cut
-        for the processes; the page cache survives, which the ring crash tests cover)."""
-        os.killpg(self.demo.box.pid, signal.SIGKILL)
+        for the processes; the page cache survives, which the ring crash tests cover).
+        Each stage runs in a process group of its own, so the tree is stopped, then killed."""
+        kill_tree(self.demo.box.pid)
         self.demo.box.wait()
 
     def restart_box(self) -> None:
