@@ -15,7 +15,7 @@ test: setup
 	PYTHONDEVMODE=1 $(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check appliance central tests bench
+	$(VENV)/bin/ruff check appliance central linerec_contract tests bench
 	$(VENV)/bin/mypy
 
 bench: setup
@@ -24,6 +24,7 @@ bench: setup
 	$(PY) bench/seal.py
 	$(PY) bench/capture.py
 	$(PY) bench/uplink.py
+	$(PY) bench/intake.py
 	$(PY) bench/dtmf.py
 	$(PY) bench/central_intake.py
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Config
-from appliance.errors import FormatError
 from appliance.recorder.detect import CALL_DISCARD, CALL_END, CALL_START, DetectorEvent
 from appliance.recorder.lines import LineState, line_setup
+from linerec_contract.errors import FormatError
 
 BLOCK_S = 1.0
 

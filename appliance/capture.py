@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from appliance import durable, sdnotify
+from appliance import sdnotify
 from appliance.audio.clockdrift import DRIFT_ALARM_PPM, WALL_STEP_ALARM_MS, DriftMeter
 from appliance.audio.source import (
     Block,
@@ -42,7 +42,8 @@ from appliance.audio.source import (
 )
 from appliance.buffer import Flags, Record, RingReader, RingWriter, SampleFormat
 from appliance.config import CaptureSection, Config
-from appliance.errors import ApplianceError
+from linerec_contract import durable
+from linerec_contract.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from appliance import __version__
 from appliance.config import Config, load_config
-from appliance.errors import ApplianceError, UsageError
+from linerec_contract.errors import ApplianceError, UsageError
 
 log = logging.getLogger("appliance")
 
@@ -192,7 +192,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     pubkey = args.pubkey
     cfg = _config(args.config) if pubkey is None or args.config else None
     if pubkey is None:
-        from appliance.seal import DeviceKey
+        from linerec_contract.identity import DeviceKey
 
         assert cfg is not None
         pubkey = DeviceKey.load(cfg.keys_dir / "device.key").public_b64
@@ -232,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from appliance.recorder.service import NEXT_KEY_FILE
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     cfg = _config(args.config)
     if args.keys_command == "show":

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -215,7 +215,7 @@ class UplinkSection(_Section):
     window: Annotated[int, Field(ge=1, le=256)] = 8
     ack_timeout_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 15.0
     chunk_bytes: Annotated[int, Field(
-        ge=4096, le=64 * 1024 * 1024,
+        ge=4096, le=1024 * 1024,  # linerec_contract.protocol.MAX_CHUNK_BYTES (broker's bound)
         description="segments larger than this go over MQTT in chunks of this size")] = 256 * 1024
     max_kbps: Annotated[float, Field(
         ge=0, le=10_000_000, description="upload cap in kbit/s, both transports; 0 = no cap")] = 0

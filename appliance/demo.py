@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import procs
-from appliance.durable import ensure_dir
-from appliance.errors import StateDirError
+from linerec_contract.durable import ensure_dir
+from linerec_contract.errors import StateDirError
 
 DEVICE_ID = "demo-box-1"
 
@@ -94,9 +94,8 @@ class Demo:
 
     def __init__(self, folder: Path, lines: int, *, realtime: bool, seconds: float) -> None:
         from appliance.pki import ensure_pki
-        from appliance.seal import DeviceKey
         from appliance.sync.broker import Broker, find_mosquitto
-        from central.home import init_home
+        from linerec_contract.identity import DeviceKey
 
         find_mosquitto()  # fail early, in one line, before anything is started
         self.folder = folder
@@ -104,9 +103,10 @@ class Demo:
         self.box_dir = folder / "box"
         ensure_dir(self.box_dir / "keys", 0o700)
         ensure_dir(self.box_dir / "logs")
-        home = init_home(self.central_home)
+        # Central is another program: the demo drives it through its command line only.
+        recipient = self._central("init").split()[0]
         box_key = DeviceKey.load_or_create(self.box_dir / "keys" / "device.key")
-        home.enroll(DEVICE_ID, box_key.public_b64)
+        self._central("enroll", DEVICE_ID, box_key.public_b64)
         self.pki = ensure_pki(folder / "pki", [DEVICE_ID, "central"])
         self.broker = Broker(folder / "broker", self.pki)
         self.port = self.broker.start()
@@ -114,7 +114,7 @@ class Demo:
         self.config_path.write_text(box_config_text(
             folder, lines=lines, port=self.port, ca=self.pki.ca_cert,
             cert=self.pki.client_cert(DEVICE_ID), key=self.pki.client_key(DEVICE_ID),
-            recipient=home.recipients()[0], realtime=realtime, seconds=seconds))
+            recipient=recipient, realtime=realtime, seconds=seconds))
         self.receiver = self._spawn("receiver", [
             sys.executable, "-m", "central", "--home", str(self.central_home), "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--ca", str(self.pki.ca_cert),
@@ -122,6 +122,14 @@ class Demo:
             "--key", str(self.pki.client_key("central"))])
         self.box = self._spawn("box", [sys.executable, "-m", "appliance", "run",
                                        "--config", str(self.config_path)])
+
+    def _central(self, *args: str) -> str:
+        """Run one ``appliance-central`` command on the demo's home; its standard output."""
+        argv = [sys.executable, "-m", "central", "--home", str(self.central_home), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise StateDirError(f"appliance-central {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.box_dir / "logs" / f"{name}.log").open("ab") as log:

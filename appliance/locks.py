@@ -12,8 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from appliance.durable import ensure_dir
-from appliance.errors import StateDirError
+from linerec_contract.durable import ensure_dir
+from linerec_contract.errors import StateDirError
 
 _HELD: dict[str, int] = {}
 

@@ -29,12 +29,12 @@ import numpy.typing as npt
 from appliance.audio.dsp import FLOOR_DBFS, bin_powers, power_to_db
 from appliance.audio.source import AudioError, SourceExhausted, open_source
 from appliance.config import CaptureSection, Config
-from appliance.errors import ApplianceError
 from appliance.recorder.detect import CALL_DISCARD, CALL_END, CALL_START
 from appliance.recorder.lines import LineState, line_setup
 from appliance.selftest.audio import DC_WARN, HUM_WARN_DBM0
 from appliance.selftest.context import capture_running
 from appliance.selftest.signal import FULL_SCALE, MAINS_HZ, dbfs
+from linerec_contract.errors import ApplianceError
 
 METER_LOW_DB = -60.0
 PEAK_HOLD_S = 2.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from appliance.durable import atomic_write, ensure_dir
-from appliance.errors import ConfigError, FormatError, StateDirError
-from appliance.sync.protocol import DEVICE_ID_RE
+from linerec_contract.durable import atomic_write, ensure_dir
+from linerec_contract.errors import FormatError, StateDirError
+from linerec_contract.protocol import DEVICE_ID_RE
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -213,25 +212,3 @@ def ensure_pki(dir: Path, clients: list[str]) -> Pki:
             cert, key = _leaf(ca_cert, ca_key, name, server=False)
             _write_pair(pki.client_cert(name), pki.client_key(name), cert, key)
     return pki
-
-
-def tls_context(purpose: ssl.Purpose, ca: Path, cert: Path, key: Path, *,
-                what: str) -> ssl.SSLContext:
-    """A TLS 1.2+ context with our certificate and ``ca`` as the only trust anchor.
-
-    ``ssl.Purpose.SERVER_AUTH`` gives a client context (the box); ``CLIENT_AUTH`` a server one
-    that requires a client certificate (central). ``what`` names the user in error messages.
-    """
-    for name, path in (("ca", ca), ("cert", cert), ("key", key)):
-        if not path.is_file():
-            raise ConfigError(f"{what} {name} file {path} does not exist (a PEM file)")
-    try:
-        ctx = ssl.create_default_context(purpose, cafile=str(ca))
-        ctx.load_cert_chain(str(cert), str(key))
-    except ssl.SSLError as err:
-        raise ConfigError(f"{what} TLS files {cert} / {key} / {ca} do not load: "
-                          f"{err.reason or err}") from err
-    if purpose is ssl.Purpose.CLIENT_AUTH:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx

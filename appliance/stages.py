@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from appliance import sdnotify
 from appliance.config import Config
-from appliance.durable import ensure_dir, write_status
-from appliance.errors import ConfigError
+from linerec_contract.durable import ensure_dir, write_status
+from linerec_contract.errors import ConfigError
 
 if TYPE_CHECKING:
     from appliance.sync.outbox import Outbox
@@ -69,7 +69,7 @@ def run_capture_stage(cfg: Config, stream_name: str, stop: threading.Event) -> N
 
 def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
     from appliance.recorder.service import Recorder
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     ensure_dir(cfg.run_dir)
     key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")

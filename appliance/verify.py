@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal.segment import MAX_SIGNED_MANIFEST, WIRE_HEADER, WIRE_MAGIC, WIRE_VERSION
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.segment import MAX_SIGNED_MANIFEST, WIRE_HEADER, WIRE_MAGIC, WIRE_VERSION
 
 CHUNK = 1 << 20
 MANIFEST_SUFFIX = ".manifest.json"  # central/store.py's layout
@@ -132,8 +132,9 @@ def load_stored(manifest_path: Path, payload_path: Path) -> Loaded:
 
 def verify_command(paths: list[Path], public_b64: str, *, as_json: bool,
                    start_seq: int | None = 0, start_note: str = "") -> int:
-    from appliance.seal import SealedSegment, audit_chain
-    from appliance.seal.verify import check_payload_digest, verify_manifest
+    from linerec_contract.segment import SealedSegment
+    from linerec_contract.trust import DeviceTrust
+    from linerec_contract.verify import audit_chain, check_payload_digest, verify_manifest
 
     results: list[dict[str, Any]] = []
     good: list[SealedSegment] = []
@@ -158,13 +159,11 @@ def verify_command(paths: list[Path], public_b64: str, *, as_json: bool,
             continue
         good.append(seg)
         results.append({"file": shown, "ok": True, "seq": seg.seq})
-    key_id = None
-    if good:
-        key_id = str(good[0].manifest.get("signing_key_id"))
     if good and start_seq is not None:
         start_seq = min(start_seq, min(s.seq for s in good))
-    issues = (audit_chain(good, {key_id: public_b64}, start_seq=start_seq, check_payloads=False)
-              if key_id else [])
+    # The key given is trusted for the devices of the segments it verified, each on its own.
+    trust = {s.device_id: DeviceTrust.of_keys(s.device_id, [public_b64]) for s in good}
+    issues = audit_chain(good, trust, start_seq=start_seq, check_payloads=False)
     ok = all(r["ok"] for r in results) and not issues
     if as_json:
         print(json.dumps({"ok": ok, "segments": results, "chain_start": start_seq,

@@ -23,7 +23,8 @@ import numpy as np
 import soundfile
 
 from appliance.audio.simulator import LineSimulator
-from appliance.seal import DeviceKey, encode_audio, generate_age_identity
+from linerec_contract.codec import encode_audio
+from linerec_contract.identity import DeviceKey, generate_age_identity
 
 RATE = 8000
 

@@ -23,14 +23,9 @@ from typing import Any
 import numpy as np
 import pyrage
 
-from appliance.seal import (
-    CODECS,
-    DeviceKey,
-    SegmentInput,
-    encode_audio,
-    generate_age_identity,
-    seal_segment,
-)
+from linerec_contract.codec import CODECS, encode_audio
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SegmentInput, seal_segment
 
 RATE = 8000
 SEGMENT_SECONDS = 60

@@ -20,13 +20,14 @@ from typing import Any, NoReturn
 import numpy as np
 import soundfile as sf
 
-from appliance.durable import atomic_write
-from appliance.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
-from appliance.seal import SealedSegment, audit_chain, open_segment_audio, verify_segment
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store, StoreError
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import audit_chain, open_segment_audio, verify_trusted
 
 PROG = "appliance-central"
 
@@ -101,7 +102,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
         ca=Path(values["ca"]),
         cert=Path(values["cert"]),
         key=Path(values["key"]),
-        group=args.group or cfg.group,
+        group=args.group or cfg.group or home.share_group(),
         client_id=cfg.client_id,
     )
     stop = threading.Event()
@@ -251,12 +252,11 @@ def _check_part(
     """Failures for one part, and its PCM when it decrypted."""
     m, fails = seg.manifest, []
     device = home.device(seg.device_id)
-    key = device.key_for(str(m["signing_key_id"]), seg.seq) if device else None
-    if key is None:
-        fails.append(f"signing key {m['signing_key_id']} of {seg.device_id} is not trusted")
+    if device is None:
+        fails.append(f"device {seg.device_id} is not enrolled: no key may sign its segments")
     else:
         try:
-            verify_segment(seg, key)
+            verify_trusted(seg, device.trust())
         except (VerificationError, FormatError) as err:
             fails.append(f"signature/hash: {err}")
     if m["part"] != expect_part:
@@ -323,6 +323,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     devices = [args.device] if args.device else store.devices()
     issues: list[dict[str, Any]] = []
     count = 0
+    trust = home.trust()  # each device's own keys: a key never vouches for another device
     for dev in devices:
         if home.device(dev) is None:
             issues.append(
@@ -344,7 +345,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
         count += len(segs)
         issues.extend(
             {"device": dev, "kind": i.kind, "seq": i.seq, "detail": i.detail}
-            for i in audit_chain(segs, home.public_keys())
+            for i in audit_chain(segs, trust)
         )
     with open_index(home) as index:
         index_issues = [i for i in index.check(store) if args.device in (None, i.device)]
@@ -402,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path)
     p.add_argument("--cert", type=Path)
     p.add_argument("--key", type=Path)
-    p.add_argument("--group", help="shared-subscription group (default: central)")
+    p.add_argument("--group", help="shared-subscription group (default: the home's secret "
+                   "group name, keys/share-group)")
     p = sub.add_parser("serve-https", help="run the HTTPS segment receiver (mutual TLS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")

@@ -4,9 +4,11 @@ Layout::
 
     DIR/keys/archive.agekey     age identity that opens every payload (0600)
     DIR/keys/recipients.txt     public age recipients the boxes encrypt to, one a line
+    DIR/keys/share-group        the receivers' secret MQTT shared-subscription group name
     DIR/devices/<dev>.json      enrolled devices: Ed25519 public key (base64) and key id
     DIR/store/<dev>/...         the durable archive (see central.store)
-    DIR/quarantine/...          rejected or conflicting segments, kept with a reason
+    DIR/quarantine/...          rejected or conflicting segments, kept with a reason (bounded)
+    DIR/locks/<dev>.lock        per-device lock: chain check and store are one critical section
     DIR/index.sqlite            the rebuildable index (see central.index)
     DIR/central.toml            optional: broker host, port, certificate paths
 
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import time
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.durable import atomic_write, atomic_write_json, ensure_dir
-from appliance.errors import ConfigError, FormatError, StateDirError
-from appliance.seal.identity import (
+from linerec_contract.durable import atomic_write, atomic_write_json, ensure_dir, fsync_dir
+from linerec_contract.errors import ConfigError, FormatError, StateDirError
+from linerec_contract.identity import (
     decode_public,
     generate_age_identity,
     key_id_for_public,
@@ -33,7 +37,8 @@ from appliance.seal.identity import (
     recipient_of,
     write_age_identity,
 )
-from appliance.sync.protocol import DEVICE_ID_RE
+from linerec_contract.protocol import DEVICE_ID_RE
+from linerec_contract.trust import DeviceTrust, Rotation
 
 CONFIG_NAME = "central.toml"
 # Tables read by central.backends (storage, index) and central.https; checked there.
@@ -55,15 +60,15 @@ def check_device_id(dev: str) -> str:
 
 @dataclass(frozen=True)
 class Device:
-    """An enrolled box: the key its manifests must be signed with."""
+    """An enrolled box: the keys its manifests may be signed with (see linerec_contract.trust)."""
 
     device_id: str
     public_b64: str
     key_id: str
     enrolled_at: float
     previous: tuple[tuple[str, str], ...] = ()  # (key_id, public_b64) of replaced keys
-    # (key_id, public_b64, seq): keys the box announced in the verified manifest ``seq``
-    announced: tuple[tuple[str, str, int], ...] = ()
+    # rotations the box announced in verified manifests, in the order central learnt them
+    rotations: tuple[Rotation, ...] = ()
 
     def keys(self) -> dict[str, str]:
         """Every key enrolled by an operator for this device, by key id (current included)."""
@@ -71,15 +76,21 @@ class Device:
         out[self.key_id] = self.public_b64
         return out
 
-    def key_for(self, key_id: str, seq: int) -> str | None:
-        """The public key that may sign segment ``seq`` as ``key_id``, or None."""
-        enrolled = self.keys().get(key_id)
-        if enrolled is not None:
-            return enrolled
-        for announced_id, public_b64, at_seq in self.announced:
-            if announced_id == key_id and seq > at_seq:
-                return public_b64
-        return None
+    def trust(self) -> DeviceTrust:
+        """The trust policy for this device's segments."""
+        return DeviceTrust(self.device_id, tuple(self.keys().items()), self.rotations)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``[limits]`` table of central.toml: what one box, or all, may make central keep."""
+
+    quarantine_mb: int = 1024  # rejected messages kept, all devices together
+    quarantine_device_mb: int = 256  # ... and of one device
+    quarantine_entries: int = 5000
+    quarantine_device_entries: int = 500
+    staging_mb: int = 1024  # chunks of partial segments (MQTT), all devices together
+    staging_device_mb: int = 256  # ... and of one device (at least the largest segment)
 
 
 @dataclass(frozen=True)
@@ -91,12 +102,14 @@ class BrokerConfig:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
-    group: str = "central"
+    group: str | None = None  # None: the home's secret group (Home.share_group)
     client_id: str | None = None
+    limits: Limits = Limits()
 
 
 _BROKER_KEYS: dict[str, type] = {"host": str, "port": int, "ca": str, "cert": str, "key": str}
 _RECEIVER_KEYS: dict[str, type] = {"group": str, "client_id": str}
+_LIMIT_KEYS: dict[str, type] = {name: int for name in Limits.__dataclass_fields__}
 
 
 def _check_table(name: str, table: object, allowed: dict[str, type], where: Path) -> dict[str, Any]:
@@ -122,11 +135,15 @@ def parse_config(path: Path) -> BrokerConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     for top in raw:
-        if top not in ("broker", "receiver", *BACKEND_TABLES):
+        if top not in ("broker", "receiver", "limits", *BACKEND_TABLES):
             raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver], "
-                              "[storage], [index], [https])")
+                              "[limits], [storage], [index], [https])")
     broker = _check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
     receiver = _check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
+    limits = _check_table("limits", raw.get("limits", {}), _LIMIT_KEYS, path)
+    for key, value in limits.items():
+        if not 1 <= value <= 1 << 20:
+            raise ConfigError(f"{path}: limits.{key} must be 1..{1 << 20}, got {value}")
     port = broker.get("port")
     if port is not None and not 1 <= port <= 65535:
         raise ConfigError(f"{path}: broker.port must be 1..65535, got {port}")
@@ -141,8 +158,9 @@ def parse_config(path: Path) -> BrokerConfig:
         ca=rel("ca"),
         cert=rel("cert"),
         key=rel("key"),
-        group=receiver.get("group", "central"),
+        group=receiver.get("group"),
         client_id=receiver.get("client_id"),
+        limits=Limits(**limits),
     )
 
 
@@ -155,6 +173,10 @@ class Home:
     @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def share_group_path(self) -> Path:
+        return self.keys_dir / "share-group"
 
     @property
     def identity_path(self) -> Path:
@@ -177,6 +199,10 @@ class Home:
         return self.root / "quarantine"
 
     @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
     def index_path(self) -> Path:
         return self.root / "index.sqlite"
 
@@ -195,6 +221,34 @@ class Home:
         except OSError as err:
             raise StateDirError(f"{self.recipients_path}: cannot read: {err}") from err
         return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+    def share_group(self) -> str:
+        """The name of the receivers' MQTT shared-subscription group: a secret of this home.
+
+        Mosquitto lets any client join any shared group (read access is checked at delivery,
+        when the broker would drop what it hands a box), so a guessable name would let one box
+        make central miss a share of every box's segments. Created on first use (0600).
+        """
+        path = self.share_group_path
+        try:
+            name = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            name = f"central-{secrets.token_hex(16)}"
+            # atomic_write fsyncs: every receiver of this home must find the same name.
+            tmp = path.with_name(f".share-group-{secrets.token_hex(4)}")
+            atomic_write(tmp, f"{name}\n".encode(), mode=0o600)
+            try:
+                os.link(tmp, path)  # first writer wins, also across processes
+            except FileExistsError:
+                name = path.read_text(encoding="ascii").strip()
+            finally:
+                tmp.unlink()
+            fsync_dir(path.parent)
+        except (OSError, UnicodeDecodeError) as err:
+            raise StateDirError(f"{path}: cannot read the receivers' group name: {err}") from err
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", name):
+            raise StateDirError(f"{path}: the group name must be 8..64 of A-Z a-z 0-9 _ -")
+        return name
 
     def config(self) -> BrokerConfig:
         if not self.config_path.exists():
@@ -220,16 +274,16 @@ class Home:
             return None
         try:
             previous = tuple((str(k), str(p)) for k, p in obj.get("previous", []))
-            announced = tuple((str(k), str(p), int(q)) for k, p, q in obj.get("announced", []))
+            rotations = tuple(Rotation.from_record(r) for r in obj.get("rotations", []))
             return Device(
                 device_id=str(obj["device_id"]),
                 public_b64=str(obj["public_key"]),
                 key_id=str(obj["key_id"]),
                 enrolled_at=float(obj["enrolled_at"]),
                 previous=previous,
-                announced=announced,
+                rotations=rotations,
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, FormatError) as err:
             raise FormatError(
                 f"{path}: enrolment record is missing or has a bad field: {err}"
             ) from err
@@ -243,12 +297,9 @@ class Home:
                     out.append(device)
         return out
 
-    def public_keys(self) -> dict[str, str]:
-        """Every enrolled signing key, by key id."""
-        keys: dict[str, str] = {}
-        for device in self.devices():
-            keys.update(device.keys())
-        return keys
+    def trust(self) -> dict[str, DeviceTrust]:
+        """The trust policy of every enrolled device, by device id (keys never pooled)."""
+        return {device.device_id: device.trust() for device in self.devices()}
 
     def enroll(self, dev: str, public_b64: str, *, replace: bool = False) -> Device:
         """Record ``dev``'s Ed25519 public key (idempotent for the same key).
@@ -278,14 +329,16 @@ class Home:
         self._save_device(device)
         return device
 
-    def trust_announced_key(self, dev: str, key_id: str, public_b64: str, seq: int) -> None:
-        """Remember a key rotation the box announced in its verified segment ``seq``."""
+    def record_rotation(self, dev: str, rotation: Rotation) -> None:
+        """Remember a key rotation announced in a verified, stored segment of ``dev``.
+
+        Call it inside the device's critical section (:meth:`central.store.Store.device_lock`):
+        it reads, changes and rewrites the enrolment record.
+        """
         current = self.device(dev)
-        if current is None or current.key_for(key_id, seq + 1) is not None:
+        if current is None or rotation in current.rotations:
             return
-        key_id_for_public(public_b64)  # FormatError if it is not a key
-        announced = (*current.announced, (key_id, public_b64, seq))
-        self._save_device(replace(current, announced=announced))
+        self._save_device(replace(current, rotations=(*current.rotations, rotation)))
 
     def _save_device(self, device: Device) -> None:
         record = {
@@ -294,7 +347,7 @@ class Home:
             "key_id": device.key_id,
             "enrolled_at": device.enrolled_at,
             "previous": [list(p) for p in device.previous],
-            "announced": [list(a) for a in device.announced],
+            "rotations": [r.to_record() for r in device.rotations],
         }
         # atomic_write_json fsyncs file and folder: an acknowledged enrolment survives a power cut.
         atomic_write_json(self.device_path(device.device_id), record)
@@ -329,6 +382,7 @@ def init_home(path: Path) -> Home:
             # power cut would make every payload encrypted to it unreadable.
             write_age_identity(home.identity_path, secret)
         recipient = recipient_of(secret)
+        home.share_group()
         if not home.recipients_path.exists() or recipient not in home.recipients():
             lines = home.recipients() if home.recipients_path.exists() else []
             text = "".join(f"{r}\n" for r in [*lines, recipient])

@@ -57,12 +57,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, DependencyError
-from appliance.sync.protocol import DEVICE_ID_RE, MAX_SEGMENT_BYTES, segment_topic
 from central.home import Home, make_dirs
 from central.index import IndexDbError
 from central.receiver import Outcome, SegmentIntake
 from central.store import StoreError
+from linerec_contract.errors import ConfigError, DependencyError
+from linerec_contract.protocol import DEVICE_ID_RE, MAX_SEGMENT_BYTES, segment_topic
 
 log = logging.getLogger("central.https")
 

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, VerificationError
-from appliance.seal import SealedSegment, verify_segment
 from central.backends import index_config, locator
 from central.home import Home
 from central.store import Store, StoredRef, StoreError
+from linerec_contract.errors import ApplianceError, VerificationError
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import verify_trusted
 
 _COLUMNS_SQL = """
     device TEXT NOT NULL,
@@ -179,11 +180,8 @@ def segment_status(home: Home, seg: SealedSegment) -> str:
     device = home.device(seg.device_id)
     if device is None:
         return "unknown device"
-    key = device.key_for(str(seg.manifest.get("signing_key_id")), seg.seq)
-    if key is None:
-        return f"bad: signing key {seg.manifest.get('signing_key_id')} is not trusted"
     try:
-        verify_segment(seg, key)
+        verify_trusted(seg, device.trust())
     except VerificationError as err:
         return f"bad: {err}"
     return "ok"

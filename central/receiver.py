@@ -21,12 +21,14 @@ is the SHA-256 of the raw message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
-import socket
+import ssl
 import threading
 import time
 import uuid
@@ -35,29 +37,40 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal import SealedSegment, decode_wire, verify_segment
-from appliance.sync.protocol import (
+from central.home import Home, make_dirs
+from central.index import AnyIndex, IndexDbError, open_index
+from central.store import SegmentConflict, Store, StoreError, exclusive_lock
+from linerec_contract.durable import write_status
+from linerec_contract.errors import ConfigError, FormatError, VerificationError
+from linerec_contract.manifest import MAX_SEQ, validate_manifest
+from linerec_contract.protocol import (
+    MAX_CHUNK_BYTES,
+    MAX_PACKET_BYTES,
     SEGMENT_SUBSCRIPTION,
     Ack,
     ChunkInfo,
     ack_topic,
     parse_segment_topic,
     shared,
+    topic_device,
 )
-from central.home import Home, make_dirs
-from central.index import AnyIndex, IndexDbError, open_index
-from central.store import SegmentConflict, Store, StoreError
+from linerec_contract.segment import SealedSegment, decode_wire, read_wire_file
+from linerec_contract.tls import tls_context
+from linerec_contract.trust import UntrustedKey
+from linerec_contract.verify import verify_trusted
 
 log = logging.getLogger("central.receiver")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue a week while we are down
 RETRY_AFTER_STORAGE_ERROR_S = 5.0
+RECEIVE_MAXIMUM = 16  # unacknowledged messages the broker hands one receiver at a time
 FAILPOINT_ENV = "APPLIANCE_CENTRAL_KILL_AFTER_STORE"
 
 
@@ -65,121 +78,199 @@ def _kill_after_store_countdown() -> int | None:
     """Fault injection for the fault tests: ``APPLIANCE_CENTRAL_KILL_AFTER_STORE=N`` makes this
     process SIGKILL itself right after the N-th segment is stored, before its ack goes out."""
     text = os.environ.get(FAILPOINT_ENV, "")
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if re.fullmatch(r"[1-9][0-9]{0,8}", text) else None
 
 
 # -- chunked segments ----------------------------------------------------------------------
 
 # Reassembly of chunked segments at central (see docs/protocol.md, "Chunking").
 #
-# Chunks are kept on disk under ``<home>/incoming/<dev>/<seq:012d>-<blob sha256>/<index>.part``
-# so that several receivers of one shared subscription (which the broker feeds round-robin,
-# so one segment's chunks can land on different receivers) and a restarted receiver all see the
-# same partial segment. Chunk files are *not* fsynced: a chunk lost in a power cut is not
-# acknowledged to anyone, and the box sends the whole segment again after its ack timeout.
+# Chunks are kept on disk under
+# ``<home>/incoming/<dev>/<seq:012d>-<blob sha256>-<blob bytes>/<index>.part`` so that several
+# receivers of one shared subscription (which the broker feeds round-robin, so one segment's
+# chunks can land on different receivers) and a restarted receiver all see the same partial
+# segment. Chunk files are *not* fsynced: a chunk lost in a power cut is not acknowledged to
+# anyone, and the box sends the whole segment again after its ack timeout.
 #
 # The receiver that sees the last chunk claims the folder with one atomic rename, joins the
-# parts, checks the size and SHA-256 the box announced, and hands the whole blob to the normal
-# verify/store/ack path. Bounded: at most ``max_bytes`` of partial segments are kept (the oldest
-# partial segments are discarded first) and a partial segment untouched for ``max_age_s`` is
-# discarded; the box's retransmission recovers both.
+# parts into one file while hashing them, checks the size and SHA-256 the box announced, and
+# hands the whole blob to the normal verify/store/ack path.
+#
+# Bounded at every write, under one lock shared by all receivers (``locks/staging.lock``): a
+# partial segment reserves the size its box announced when its first chunk arrives, and its
+# chunks together may not exceed it. Making room drops the device's own oldest partial segments
+# first (the per-device bound), then, for the total bound, the oldest of the device that holds
+# the most, so a box flooding partial segments only ever evicts its own. A partial segment
+# untouched for ``max_age_s`` is discarded. The box's retransmission recovers every discard.
 
 INCOMING_DIR = "incoming"
-MAX_PARTIAL_BYTES = 512 * 1024 * 1024
+STAGING_LOCK = "staging.lock"
 MAX_PARTIAL_AGE_S = 3600.0
-SWEEP_INTERVAL_S = 30.0
+_PARTIAL_RE = re.compile(r"^([0-9]{12})-([0-9a-f]{64})-([0-9]{1,10})\Z")
 
 
 class ChunkAssembler:
-    def __init__(self, root: Path, *, max_bytes: int = MAX_PARTIAL_BYTES,
+    def __init__(self, root: Path, locks: Path, *, max_bytes: int, max_device_bytes: int,
                  max_age_s: float = MAX_PARTIAL_AGE_S) -> None:
         self.root = root
+        self.lock_path = locks / STAGING_LOCK
         self.max_bytes = max_bytes
+        self.max_device_bytes = min(max_device_bytes, max_bytes)
         self.max_age_s = max_age_s
-        self._next_sweep = 0.0
+        self.counts = {"partial_dropped": 0}
 
-    def add(self, dev: str, seq: int, info: ChunkInfo, data: bytes) -> bytes | None:
-        """Keep one chunk; the whole blob once this was the last missing one, else None.
+    def add(self, dev: str, seq: int, info: ChunkInfo, data: bytes) -> Path | None:
+        """Keep one chunk; the joined blob's file once this was the last missing one, else None.
 
-        Raises FormatError when the chunks do not add up to the announced size and hash
-        (the partial segment is discarded; the box will send it again).
+        The caller removes the returned file's folder when done with it. Raises FormatError for
+        a chunk that does not fit what its box announced, or a segment over the bounds (the
+        partial segment is discarded; the box will send it again).
         """
-        if len(data) > info.blob_bytes:
+        if len(data) > min(info.blob_bytes, MAX_CHUNK_BYTES) or not data:
             raise FormatError(f"chunk {info.index}/{info.count} of {dev}/{seq} has {len(data)} "
-                              f"bytes, more than the whole segment ({info.blob_bytes})")
-        if info.blob_bytes > self.max_bytes:
+                              f"bytes; accepted 1..{min(info.blob_bytes, MAX_CHUNK_BYTES)}")
+        if info.blob_bytes > self.max_device_bytes:
             raise FormatError(f"segment {dev}/{seq} of {info.blob_bytes} bytes is larger than "
-                              f"the partial-segment bound of {self.max_bytes} bytes")
-        self._sweep()
-        folder = self.root / dev / f"{seq:012d}-{info.blob_sha256}"
-        make_dirs(folder)
-        part = folder / f"{info.index:05d}.part"
-        tmp = folder / f".{info.index:05d}.{uuid.uuid4().hex[:8]}.tmp"
-        # No fsync on purpose (see the module docstring): a lost chunk is resent by the box.
-        tmp.write_bytes(data)
-        os.replace(tmp, part)
-        meta = folder / "count"
-        if not meta.exists():
-            meta.write_text(f"{info.count} {info.blob_bytes}\n")
+                              f"the staging bound of {self.max_device_bytes} bytes per device")
+        folder = self.root / dev / f"{seq:012d}-{info.blob_sha256}-{info.blob_bytes}"
+        with exclusive_lock(self.lock_path):
+            if not folder.is_dir():
+                self._make_room(dev, info.blob_bytes)
+                make_dirs(folder)
+                (folder / "count").write_text(f"{info.count}\n")
+            try:
+                if int((folder / "count").read_text()) != info.count:
+                    raise FormatError(f"chunk {info.index}/{info.count} of {dev}/{seq}: another "
+                                      "chunk of this segment announced a different count")
+                parts = {e.name: e.stat().st_size for e in os.scandir(folder)
+                         if e.name.endswith(".part")}
+            except (FileNotFoundError, ValueError):
+                return None  # claimed (or being discarded) meanwhile: a retransmission follows
+            name = f"{info.index:05d}.part"
+            held = sum(parts.values()) - parts.get(name, 0)
+            if held + len(data) > info.blob_bytes:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise FormatError(f"chunks of {dev}/{seq} add up to more than the announced "
+                                  f"{info.blob_bytes} bytes; partial segment discarded")
+            tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+            # No fsync on purpose (see above): a lost chunk is resent by the box.
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)
+            parts[name] = len(data)
+            if len(parts) < info.count:
+                return None
+            claimed = folder.with_name(f".claimed-{folder.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(folder, claimed)  # under the lock: exactly one receiver claims it
+        return self._join(claimed, dev, seq, info)
+
+    def _join(self, claimed: Path, dev: str, seq: int, info: ChunkInfo) -> Path:
+        blob = claimed / "blob"
+        digest = hashlib.sha256()
         try:
-            have = sum(1 for name in os.listdir(folder) if name.endswith(".part"))
-        except FileNotFoundError:
-            return None  # another receiver claimed it meanwhile
-        if have < info.count:
-            return None
-        claimed = folder.with_name(f".claimed-{folder.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(folder, claimed)  # one receiver wins; the others return None
-        except FileNotFoundError:
-            return None
-        try:
-            blob = b"".join((claimed / f"{i:05d}.part").read_bytes() for i in range(info.count))
+            with blob.open("wb") as out:
+                for i in range(info.count):
+                    part = claimed / f"{i:05d}.part"
+                    chunk = part.read_bytes()
+                    digest.update(chunk)
+                    out.write(chunk)
+                    part.unlink()  # staging never holds a segment twice (parts + blob)
+            size = blob.stat().st_size
         except FileNotFoundError as err:
-            raise FormatError(f"chunk {err.filename} of {dev}/{seq} vanished") from err
-        finally:
             shutil.rmtree(claimed, ignore_errors=True)
-        if len(blob) != info.blob_bytes or hashlib.sha256(blob).hexdigest() != info.blob_sha256:
-            raise FormatError(f"chunks of {dev}/{seq} join to {len(blob)} bytes that do not match "
+            raise FormatError(f"chunk {err.filename} of {dev}/{seq} vanished") from err
+        if size != info.blob_bytes or digest.hexdigest() != info.blob_sha256:
+            shutil.rmtree(claimed, ignore_errors=True)
+            raise FormatError(f"chunks of {dev}/{seq} join to {size} bytes that do not match "
                               f"the announced {info.blob_bytes} bytes / sha256 "
                               f"{info.blob_sha256[:16]}...")
         return blob
 
-    def partial(self) -> list[Path]:
-        """Folders of partial segments, oldest first (by last chunk received)."""
+    def partial(self) -> list[tuple[float, Path, int]]:
+        """(last chunk time, folder, announced bytes) of every partial segment, oldest first."""
+        found = []
         if not self.root.is_dir():
             return []
-        found = []
         for dev in self.root.iterdir():
-            if dev.is_dir():
-                found += [p for p in dev.iterdir() if p.is_dir()]
-        return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0.0)
+            if not dev.is_dir():
+                continue
+            for entry in os.scandir(dev):
+                match = _PARTIAL_RE.match(entry.name)
+                if match is None:
+                    continue
+                try:
+                    found.append((entry.stat().st_mtime, Path(entry.path), int(match.group(3))))
+                except FileNotFoundError:
+                    continue
+        return sorted(found)
 
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + SWEEP_INTERVAL_S
-        try:
-            folders = self.partial()
-            sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in folders}
-        except FileNotFoundError:
-            return  # a folder completed while we looked; sweep again later
-        total = sum(sizes.values())
-        wall = time.time()
-        for folder in folders:
+    def staged_bytes(self) -> int:
+        return sum(size for _t, _p, size in self.partial())
+
+    def _make_room(self, dev: str, size: int) -> None:
+        """Drop stale partial segments, then make room for ``size`` more bytes from ``dev``."""
+        now = time.time()
+        self._sweep_claimed(now)
+        partial = []
+        for entry in self.partial():
+            if now - entry[0] > self.max_age_s:
+                self._drop(entry, "stale")
+            else:
+                partial.append(entry)
+        mine = [e for e in partial if e[1].parent.name == dev]
+        while mine and sum(e[2] for e in mine) + size > self.max_device_bytes:
+            oldest = mine.pop(0)
+            partial.remove(oldest)
+            self._drop(oldest, "over the per-device staging bound")
+        while partial and sum(e[2] for e in partial) + size > self.max_bytes:
+            by_device: dict[str, int] = {}
+            for entry in partial:
+                by_device[entry[1].parent.name] = by_device.get(entry[1].parent.name, 0) + entry[2]
+            biggest = max(by_device, key=lambda d: by_device[d])
+            oldest = next(e for e in partial if e[1].parent.name == biggest)
+            partial.remove(oldest)
+            self._drop(oldest, "over the total staging bound")
+
+    def _sweep_claimed(self, now: float) -> None:
+        """Remove what a receiver killed while joining a segment left behind."""
+        for claimed in self.root.glob("*/.claimed-*"):
             try:
-                stale = wall - folder.stat().st_mtime > self.max_age_s
+                stale = now - claimed.stat().st_mtime > self.max_age_s
             except FileNotFoundError:
                 continue
-            if stale or total > self.max_bytes:
-                log.warning("discarding partial segment %s (%s); the box will send it again",
-                            folder, "stale" if stale else "over the partial-segment bound")
-                shutil.rmtree(folder, ignore_errors=True)
-                total -= sizes[folder]
+            if stale:
+                log.warning("removing %s, left by a receiver stopped while joining it", claimed)
+                shutil.rmtree(claimed, ignore_errors=True)
+
+    def _drop(self, entry: tuple[float, Path, int], why: str) -> None:
+        log.warning("discarding partial segment %s/%s (%s); the box will send it again",
+                    entry[1].parent.name, entry[1].name[:12], why)
+        shutil.rmtree(entry[1], ignore_errors=True)
+        self.counts["partial_dropped"] += 1
+
+
+def certificate_cn(path: Path) -> str:
+    """The common name of the PEM certificate at ``path``; ConfigError when there is none."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"receiver certificate {path} does not load: {err}") from err
+    if not names:
+        raise ConfigError(f"receiver certificate {path} has no common name (CN)")
+    return str(names[0].value)
 
 
 class Rejected(Exception):  # noqa: N818 - a result, not a failure of the receiver
     """A segment refused for a reason the box must hear about (it is quarantined)."""
+
+
+class Refused(Exception):  # noqa: N818 - a result, not a failure of the receiver
+    """A message refused without an ack and without quarantine (malformed topic or fields,
+    a box that is not enrolled). ``kind`` names the counter."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -189,28 +280,40 @@ class Outcome:
     ack: Ack | None
     device: str | None
     detail: str
+    refused: str | None = None  # the counter of a refusal (no ack, no quarantine)
 
 
 class SegmentIntake:
     """Verify, store and index one whole segment: the one path shared by MQTT and HTTPS.
 
-    Thread-safe (one lock around :meth:`handle`); several processes may share a home (the
-    store serialises puts per device with a file lock).
+    Thread-safe (one lock around :meth:`handle`); several processes may share a home: the
+    trust check, the chain check, the store and the rotation record of one device run inside
+    that device's lock (:meth:`Store.device_lock`), one critical section across processes.
     """
 
     def __init__(self, home: Home) -> None:
         self.home = home
-        self.store = Store(home)
+        limits = home.config().limits
+        self.store = Store(home, limits)
         self.index: AnyIndex | None = None
-        self.counts = {"stored": 0, "duplicate": 0, "rejected": 0, "unanswered": 0}
+        self.counts = {"stored": 0, "duplicate": 0, "rejected": 0, "unanswered": 0,
+                       "malformed": 0, "not_enrolled": 0, "failed": 0}
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
 
-    def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Verify, store and index one message; returns the ack to publish. Never raises
-        for a bad message; raises OSError/StoreError/IndexDbError when central cannot write."""
+    def handle(self, topic: str, payload: bytes | Path) -> Outcome:
+        """Verify, store and index one message (its bytes, or a file holding them, read with
+        the payload in memory once); returns the ack to publish. Never raises for a bad
+        message; raises OSError/StoreError/IndexDbError when central cannot write."""
         with self._handle_lock:
-            return self._handle(topic, payload)
+            try:
+                return self._handle(topic, payload)
+            except Refused as err:
+                self.counts[err.kind] += 1
+                dev = None
+                with contextlib.suppress(FormatError):
+                    dev = topic_device(topic)
+                return Outcome(None, dev, f"refused: {err}", refused=err.kind)
 
     def close(self) -> None:
         with self._handle_lock:
@@ -218,27 +321,43 @@ class SegmentIntake:
                 self.index.close()
                 self.index = None
 
+    def enrolled(self, topic: str) -> str:
+        """The enrolled device a message's topic names; :class:`Refused` otherwise."""
+        try:
+            dev = topic_device(topic)
+        except FormatError as err:
+            raise Refused("malformed", str(err)) from err
+        try:
+            device = self.home.device(dev)
+        except FormatError as err:  # a damaged enrolment record: refuse, do not guess
+            raise Refused("not_enrolled", str(err)) from err
+        if device is None:
+            raise Refused("not_enrolled", f"device {dev} is not enrolled at central")
+        return dev
+
     # -- the verification pipeline (no transport here; tests call it directly too) ----------
 
-    def _handle(self, topic: str, payload: bytes) -> Outcome:
+    def _handle(self, topic: str, payload: bytes | Path) -> Outcome:
+        self.enrolled(topic)
         try:
             dev, seq = parse_segment_topic(topic)
         except FormatError as err:
-            where = self.store.quarantine(None, None, payload, f"bad topic {topic!r}: {err}")
-            return Outcome(None, None, f"bad topic {topic!r}, quarantined in {where}")
+            raise Refused("malformed", str(err)) from err
         try:
-            seg = self._accept(dev, seq, payload)
+            seg = self._decode(dev, seq, payload)
+            with self.store.device_lock(dev):
+                self._verify(seg)
+                try:
+                    result = self.store.put_locked(seg)
+                except SegmentConflict as err:
+                    return Outcome(Ack(seq, seg.payload_sha256, "rejected", str(err)), dev,
+                                   f"rejected: {err}")
+                device = self.home.device(dev)
+                rotation = device.trust().announcement(seg.manifest) if device else None
+                if rotation is not None:
+                    self.home.record_rotation(dev, rotation)
         except Rejected as err:
             return self._reject(dev, seq, payload, str(err))
-        try:
-            result = self.store.put(seg)
-        except SegmentConflict as err:
-            return Outcome(
-                Ack(seq, seg.payload_sha256, "rejected", str(err)), dev, f"rejected: {err}"
-            )
-        nxt = seg.manifest.get("next_signing_key")
-        if isinstance(nxt, dict):  # a verified rotation announcement: trust it for later seqs
-            self.home.trust_announced_key(dev, str(nxt["key_id"]), str(nxt["public_b64"]), seq)
         ref = self.store.ref(dev, seq)
         if self.index is None:
             self.index = open_index(self.home, check_same_thread=False)
@@ -254,44 +373,52 @@ class SegmentIntake:
         )
         return Outcome(Ack(seq, seg.payload_sha256, result), dev, detail)
 
-    def _reject(self, dev: str, seq: int, payload: bytes, reason: str) -> Outcome:
-        where = self.store.quarantine(dev, seq, payload, reason)
+    def _reject(self, dev: str, seq: int, payload: bytes | Path, reason: str) -> Outcome:
+        raw = payload.read_bytes() if isinstance(payload, Path) else payload
+        where = self.store.quarantine(dev, seq, raw, reason)
         try:
-            sha = str(decode_wire(payload).payload_sha256)
+            sha = str(decode_wire(raw).payload_sha256)
         except FormatError:
-            sha = hashlib.sha256(payload).hexdigest()
+            sha = hashlib.sha256(raw).hexdigest()
         ack = Ack(seq, sha, "rejected", reason)
-        return Outcome(ack, dev, f"rejected: {reason} (quarantined in {where})")
+        return Outcome(ack, dev, f"rejected: {reason} (quarantined in {where.name})")
 
-    def _reject_after_bug(self, topic: str, payload: bytes, err: Exception) -> Outcome | None:
+    def _reject_after_bug(self, topic: str, payload: bytes | Path,
+                          err: Exception) -> Outcome | None:
         """Quarantine a message that hit a receiver bug, so it cannot block the queue."""
         try:
             dev, seq = parse_segment_topic(topic)
+            if self.home.device(dev) is None:
+                return None
             return self._reject(dev, seq, payload, f"internal error at central: {err!r}")
         except (FormatError, OSError):
             return None
 
-    def _accept(self, dev: str, seq: int, payload: bytes) -> SealedSegment:
-        """The decoded, verified segment, or :class:`Rejected` with a one-line reason."""
+    def _decode(self, dev: str, seq: int, payload: bytes | Path) -> SealedSegment:
         try:
-            seg = decode_wire(payload)
+            seg = read_wire_file(payload) if isinstance(payload, Path) else decode_wire(payload)
+        except FormatError as err:
+            raise Rejected(f"malformed segment: {err}") from err
+        try:
+            validate_manifest(seg.manifest)
         except FormatError as err:
             raise Rejected(f"malformed segment: {err}") from err
         if seg.device_id != dev or seg.seq != seq:
             raise Rejected(f"topic names {dev}/{seq} but the manifest is {seg.device_id}/{seg.seq}")
-        device = self.home.device(dev)
+        return seg
+
+    def _verify(self, seg: SealedSegment) -> None:
+        """Trust, signature, payload hash and chain, inside the device's critical section."""
+        device = self.home.device(seg.device_id)
         if device is None:
-            raise Rejected(f"device {dev} is not enrolled at central")
-        key_id = str(seg.manifest.get("signing_key_id"))
-        public_b64 = device.key_for(key_id, seq)
-        if public_b64 is None:
-            raise Rejected(f"signing key {key_id} is not enrolled for device {dev}")
+            raise Rejected(f"device {seg.device_id} is not enrolled at central")
         try:
-            verify_segment(seg, public_b64)
+            verify_trusted(seg, device.trust())
+        except UntrustedKey as err:
+            raise Rejected(str(err)) from err
         except (VerificationError, FormatError) as err:
             raise Rejected(f"verification failed: {err}") from err
         self._check_chain(seg)
-        return seg
 
     def _check_chain(self, seg: SealedSegment) -> None:
         """Links to stored neighbours must hold; a missing neighbour is fine (out of order)."""
@@ -305,18 +432,31 @@ class SegmentIntake:
                         f"chain break: prev_manifest_sha256 {str(claimed)[:16]}... does not match "
                         f"stored seq {seq - 1} ({prev[:16]}...)"
                     )
-            nxt_ref = self.store.ref(dev, seq + 1)
-            if self.store.objects.exists(nxt_ref.manifest_key):
-                nxt = self.store.load_ref(nxt_ref)
-                if nxt.manifest.get("prev_manifest_sha256") != seg.manifest_sha256:
-                    raise Rejected(
-                        f"chain break: stored seq {seq + 1} does not link to this segment"
-                    )
+            if seq < MAX_SEQ:
+                nxt_ref = self.store.ref(dev, seq + 1)
+                if self.store.objects.exists(nxt_ref.manifest_key):
+                    nxt = self.store.load_ref(nxt_ref)
+                    if nxt.manifest.get("prev_manifest_sha256") != seg.manifest_sha256:
+                        raise Rejected(
+                            f"chain break: stored seq {seq + 1} does not link to this segment"
+                        )
         except StoreError as err:
             raise Rejected(f"cannot check the chain: {err}") from err
 
+
 class Receiver(SegmentIntake):
-    """Consumes ``$share/<group>/rec/v1/+/seg/+`` for one central home."""
+    """Consumes ``$share/<group>/rec/v1/+/seg/+`` for one central home.
+
+    Every message is handled inside one guard: whatever goes wrong with one message (bad
+    fields, a bug) refuses that message, logs one line, counts it, and releases it (PUBACK),
+    so it can neither stop the network loop nor come back from the persistent session. Only
+    central's own storage failing leaves a message with the broker (redelivered after a
+    reconnect), and a message whose handling fails that way ``POISON_AFTER`` times in a row is
+    refused too. The network loop runs in a thread this class watches: if it dies or stays
+    disconnected, the client is replaced.
+    """
+
+    POISON_AFTER = 3
 
     def __init__(
         self,
@@ -327,17 +467,28 @@ class Receiver(SegmentIntake):
         ca: Path,
         cert: Path,
         key: Path,
-        group: str = "central",
+        group: str | None = None,
         client_id: str | None = None,
     ) -> None:
         super().__init__(home)
         self.host, self.port = host, port
         self.ca, self.cert, self.key = ca, cert, key
-        self.group = group
-        self.client_id = client_id or f"central-{group}-{socket.gethostname()}"
-        self.chunks = ChunkAssembler(home.root / INCOMING_DIR)
+        self.group = group or home.share_group()
+        # The broker makes the certificate's CN the client id (use_username_as_clientid), so a
+        # receiver is named after its certificate: stable across restarts (the persistent
+        # session, and what the broker queued in it meanwhile, belongs to it) and one per
+        # receiver (each receiver has a certificate of its own).
+        self.client_id = client_id or certificate_cn(cert)
+        limits, mib = self.store.limits, 1024 * 1024
+        self.chunks = ChunkAssembler(home.root / INCOMING_DIR, home.locks_dir,
+                                     max_bytes=limits.staging_mb * mib,
+                                     max_device_bytes=limits.staging_device_mb * mib)
+        self.counts.update({"chunks": 0, "chunks_refused": 0, "reconnects": 0})
+        self.status_path = home.root / "run" / f"receiver-{self.client_id}.json"
         self.ready = threading.Event()  # set once subscribed (tests, the demo)
         self._storage_failed = threading.Event()
+        self._failures: dict[str, int] = {}  # message digest -> storage failures in a row
+        self._next_status = 0.0
 
     # -- MQTT ------------------------------------------------------------------------------
 
@@ -349,7 +500,11 @@ class Receiver(SegmentIntake):
             # PUBACK only after the segment is fsynced: until then the broker keeps the message.
             manual_ack=True,
         )
-        client.tls_set(ca_certs=str(self.ca), certfile=str(self.cert), keyfile=str(self.key))
+        # A callback that raises must never end the network loop (the guard below catches
+        # everything already; this is the second line).
+        client.suppress_exceptions = True
+        client.tls_set_context(tls_context(ssl.Purpose.SERVER_AUTH, self.ca, self.cert, self.key,
+                                           what="receiver"))
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -364,7 +519,8 @@ class Receiver(SegmentIntake):
             log.error("broker %s:%d refused the connection: %s", self.host, self.port, rc)
             return
         log.info(
-            "connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present
+            "connected to %s:%d as %s (session present: %s)", self.host, self.port,
+            self.client_id, flags.session_present,
         )
         client.subscribe(shared(self.group, SEGMENT_SUBSCRIPTION), qos=1)
 
@@ -381,72 +537,137 @@ class Receiver(SegmentIntake):
         self.ready.clear()
         log.warning("disconnected from %s:%d: %s", self.host, self.port, rc)
 
-    def _whole_segment(self, msg: mqtt.MQTTMessage) -> bytes | None:
-        """The message's segment, or None while chunks are missing (chunk kept, PUBACK due).
-
-        Raises FormatError for chunks that cannot be assembled (dropped: the box resends)."""
-        props = getattr(msg, "properties", None)
-        info = ChunkInfo.from_user_properties(getattr(props, "UserProperty", None))
-        if info is None:
-            return bytes(msg.payload)
-        dev, seq = parse_segment_topic(msg.topic)
-        return self.chunks.add(dev, seq, info, bytes(msg.payload))
-
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        """The guard around one message: it always returns, and releases the message unless
+        central's storage failed."""
+        topic = "<undecodable topic>"
         try:
-            blob = self._whole_segment(msg)
+            topic = msg.topic
+            release = self._message(client, topic, msg)
+        except Exception as err:  # noqa: BLE001 - one message must never stop the intake
+            self.counts["failed"] += 1
+            log.error("message on %s refused after an error at central: %r", topic[:120], err)
+            release = True
+        if release:
+            with contextlib.suppress(Exception):
+                client.ack(msg.mid, msg.qos)
+        self._write_status()
+
+    def _message(self, client: mqtt.Client, topic: str, msg: mqtt.MQTTMessage) -> bool:
+        """Handle one message; True when it may be released (PUBACK)."""
+        payload = bytes(msg.payload)
+        try:
+            self.enrolled(topic)  # before anything is written for it
+            dev, seq = parse_segment_topic(topic)
+            props = getattr(msg, "properties", None)
+            info = ChunkInfo.from_user_properties(getattr(props, "UserProperty", None))
+            if info is None and len(payload) > MAX_PACKET_BYTES:
+                raise FormatError(f"message of {len(payload)} bytes; at most {MAX_PACKET_BYTES}")
+        except Refused as err:
+            self.counts[err.kind] += 1
+            log.warning("%s refused: %s", topic[:120], err)
+            return True
         except FormatError as err:
-            log.warning("%s: chunk dropped: %s", msg.topic, err)
-            client.ack(msg.mid, msg.qos)
-            return
-        except OSError as err:
-            log.error("cannot keep a chunk of %s: %s; will retry", msg.topic, err)
-            self._storage_failed.set()
-            return
-        if blob is None:
-            client.ack(msg.mid, msg.qos)  # a chunk on disk; the ack waits for the whole segment
-            return
+            self.counts["malformed"] += 1
+            log.warning("%s refused: %s", topic[:120], err)
+            return True
+        hasher = hashlib.sha256(topic.encode())
+        hasher.update(payload)
+        digest = hasher.hexdigest()
         try:
-            outcome = self.handle(msg.topic, blob)
+            return self._segment(client, topic, dev, seq, info, payload)
         except (OSError, StoreError, IndexDbError) as err:
+            failures = self._failures.get(digest, 0) + 1
+            if failures >= self.POISON_AFTER:
+                self._failures.pop(digest, None)
+                self.counts["failed"] += 1
+                log.error("%s refused: handling it failed %d times in a row: %s",
+                          topic[:120], failures, err)
+                return True
+            self._failures = {digest: failures}  # only the latest message can be retrying
             # Not acked, not PUBACKed: the broker keeps the message; reconnect to get it again.
-            log.error("cannot store %s: %s; will retry", msg.topic, err)
+            log.error("cannot store %s: %s; will retry", topic, err)
             self.counts["unanswered"] += 1
             self._storage_failed.set()
-            return
-        except Exception as err:  # noqa: BLE001 - a bug must not stall every box behind it
-            log.exception("unexpected error on %s; rejecting it", msg.topic)
-            fallback = self._reject_after_bug(msg.topic, blob, err)
-            if fallback is None:
-                self._storage_failed.set()
-                return
-            outcome = fallback
+            return False
+
+    def _segment(self, client: mqtt.Client, topic: str, dev: str, seq: int,
+                 info: ChunkInfo | None, payload: bytes) -> bool:
+        if info is None:
+            outcome = self.handle(topic, payload)
+        else:
+            try:
+                blob_path = self.chunks.add(dev, seq, info, payload)
+            except FormatError as err:
+                self.counts["chunks_refused"] += 1
+                log.warning("%s: chunk refused: %s", topic, err)
+                return True
+            self.counts["chunks"] += 1
+            if blob_path is None:
+                return True  # a chunk on disk; the ack waits for the whole segment
+            try:
+                outcome = self.handle(topic, blob_path)
+            finally:
+                shutil.rmtree(blob_path.parent, ignore_errors=True)
+        self._failures.clear()
         if outcome.ack is not None and outcome.device is not None:
             client.publish(ack_topic(outcome.device), outcome.ack.encode(), qos=1)
             self.counts[outcome.ack.result] += 1
-        else:
+        elif outcome.refused is None:
             self.counts["unanswered"] += 1
-        log.info("%s %s", msg.topic, outcome.detail)
-        client.ack(msg.mid, msg.qos)
+        log.info("%s %s", topic, outcome.detail)
+        return True
+
+    def _write_status(self, *, force: bool = False) -> None:
+        """Counters for operators and tests (best effort, at most once a second)."""
+        now = time.monotonic()
+        if not force and now < self._next_status:
+            return
+        self._next_status = now + 1.0
+        counts = {**self.counts, **self.store.counts, **self.chunks.counts}
+        with contextlib.suppress(OSError):
+            make_dirs(self.status_path.parent)
+            write_status(self.status_path, {"client_id": self.client_id, "pid": os.getpid(),
+                                            "ts": time.time(), "counts": counts})
+
+    def _network(self, client: mqtt.Client, died: threading.Event) -> None:
+        try:
+            client.loop_forever(retry_first_connection=True)
+        except Exception as err:  # noqa: BLE001 - noticed by run(), which replaces the client
+            log.error("the MQTT network loop stopped: %r; reconnecting", err)
+        finally:
+            died.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Receive until ``stop`` is set. Reconnects on network loss and after storage errors."""
+        """Receive until ``stop`` is set. Replaces the client when its network loop dies and
+        reconnects after storage errors."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # The broker drops, rather than sends, anything larger (docs/protocol.md).
+        props.MaximumPacketSize = MAX_PACKET_BYTES
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         while not stop.is_set():
             client = self._client()
+            died = threading.Event()
             client.connect_async(
                 self.host, self.port, keepalive=30, clean_start=False, properties=props
             )
-            client.loop_start()
+            thread = threading.Thread(target=self._network, args=(client, died),
+                                      name=f"mqtt-{self.client_id}", daemon=True)
+            thread.start()
             try:
-                while not stop.is_set() and not self._storage_failed.is_set():
+                while not (stop.is_set() or self._storage_failed.is_set() or died.is_set()):
                     stop.wait(0.2)
+                    self._write_status()
             finally:
-                if client.is_connected():
+                with contextlib.suppress(Exception):
                     client.disconnect()
-                client.loop_stop()
+                thread.join(10)
                 self.ready.clear()
+                self._write_status(force=True)
+            if died.is_set() and not stop.is_set():
+                self.counts["reconnects"] += 1
+                stop.wait(1.0)
             if self._storage_failed.is_set():
                 self._storage_failed.clear()
                 stop.wait(RETRY_AFTER_STORAGE_ERROR_S)

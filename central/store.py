@@ -9,8 +9,18 @@ Objects, per device ``<dev>`` and segment number ``<seq>``, in the storage backe
 A segment exists in the store exactly when its manifest file exists. Files are never
 overwritten and never deleted: an identical segment stored again is a "duplicate", a different
 segment claiming the same (device, seq) goes to ``quarantine/`` with a reason, beside the one
-already stored. Objects are written once and never replaced (the backend refuses to). A payload
-without a manifest is the torn tail of an interrupted ``put``: the next ``put`` of that segment
+already stored. Objects are written once and never replaced (the backend refuses to).
+
+Quarantine is evidence, not an archive, and it is bounded (``[limits]`` in central.toml): per
+device and in total, in bytes and in entries. A new entry that would pass a bound first drops
+the oldest entries (of that device for a device bound), each drop logged and counted; an entry
+larger than a bound on its own keeps only its reason. So no box can fill central's disk with
+rejected messages.
+
+Chain check and store are one critical section per device: :meth:`Store.device_lock` takes an
+exclusive ``flock`` on ``locks/<dev>.lock``, which holds across threads and across the receiver
+processes sharing this home. A payload without a manifest is the torn tail of an interrupted
+``put``: the next ``put`` of that segment keeps it when it is the same payload and otherwise
 discards it and writes its own (nothing was acknowledged for it).
 """
 
@@ -19,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,17 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.durable import atomic_write
-from appliance.errors import ApplianceError, FormatError, VerificationError
-from appliance.seal import SealedSegment
-from appliance.sync.protocol import DEVICE_ID_RE
 from central.backends import ObjectExists, ObjectStore, open_object_store
-from central.home import Home, make_dirs
+from central.home import Home, Limits, make_dirs
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import ApplianceError, FormatError, VerificationError
+from linerec_contract.protocol import DEVICE_ID_RE
+from linerec_contract.segment import SealedSegment
 
 PutResult = Literal["stored", "duplicate"]
 MANIFEST_SUFFIX = ".manifest.json"
 PAYLOAD_SUFFIX = ".age"
 _NAME_RE = re.compile(r"^([0-9]{12})\.manifest\.json$")
+QUARANTINE_LOCK = "quarantine.lock"
+log = logging.getLogger("central.store")
 
 
 class StoreError(ApplianceError):
@@ -68,10 +82,13 @@ class StoredRef:
 class Store:
     """The archive under ``home.store_dir``; safe to share between receiver processes."""
 
-    def __init__(self, home: Home, objects: ObjectStore | None = None) -> None:
+    def __init__(self, home: Home, limits: Limits | None = None,
+                 objects: ObjectStore | None = None) -> None:
         self.home = home
         self.root = home.store_dir
         self.objects = objects or open_object_store(home.config_path, home.store_dir)
+        self.limits = limits if limits is not None else home.config().limits
+        self.counts = {"quarantined": 0, "quarantine_dropped": 0, "quarantine_truncated": 0}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -94,16 +111,13 @@ class Store:
         return self.objects.exists(self.ref(dev, seq).manifest_key)
 
     @contextlib.contextmanager
-    def _locked(self, dev: str) -> Iterator[None]:
-        """Serialise puts for one device across threads and processes (shared subscriptions)."""
-        folder = self.root / dev
-        make_dirs(folder)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    def device_lock(self, dev: str) -> Iterator[None]:
+        """The device's critical section (chain check, store, rotation record), across
+        threads and processes: an exclusive flock on ``locks/<dev>.lock``."""
+        if not DEVICE_ID_RE.match(dev):
+            raise FormatError(f"device id {dev!r} is invalid (letters, digits, '_.-', max 63)")
+        with exclusive_lock(self.home.locks_dir / f"{dev}.lock"):
             yield
-        finally:
-            os.close(fd)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -113,34 +127,38 @@ class Store:
         Raises :class:`SegmentConflict` (after quarantining ``seg``) when a different segment
         with the same device and seq is already stored. The caller has verified ``seg``.
         """
+        with self.device_lock(seg.device_id):
+            return self.put_locked(seg)
+
+    def put_locked(self, seg: SealedSegment) -> PutResult:
+        """:meth:`put` for a caller already inside :meth:`device_lock` of ``seg``'s device."""
         ref = self.ref(seg.device_id, seg.seq)
         manifest_json = seg.signed_manifest_json()
-        with self._locked(seg.device_id):
-            if self.objects.exists(ref.manifest_key):
-                if self._same_as_stored(ref, seg):
-                    return "duplicate"
-                old = self.load(seg.device_id, seg.seq)
-                reason = (
-                    f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
-                    f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
-                )
-                where = self.quarantine(
-                    seg.device_id, seg.seq, (manifest_json, seg.payload), reason
-                )
-                raise SegmentConflict(reason, where)
-            try:
-                # write_once is durable (fsync, or the S3 answer) before it returns. Promise
-                # kept: the payload is whole before the manifest (the commit point) names it.
-                self._write_payload(ref, seg.payload)
-                # Promise kept: once this returns the segment survives a power cut: ack may go.
-                self.objects.write_once(ref.manifest_key, manifest_json)
-            except ObjectExists as err:
-                # Another machine's receiver (not under our lock) is storing this seq: no ack
-                # now; the redelivery finds it stored and answers "duplicate" or "conflict".
-                raise StoreError(
-                    f"{self.location(str(err))} appeared during a put of "
-                    f"{seg.device_id}/{seg.seq}; try again"
-                ) from err
+        if self.objects.exists(ref.manifest_key):
+            if self._same_as_stored(ref, seg):
+                return "duplicate"
+            old = self.load(seg.device_id, seg.seq)
+            reason = (
+                f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
+                f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
+            )
+            where = self.quarantine(
+                seg.device_id, seg.seq, (manifest_json, seg.payload), reason
+            )
+            raise SegmentConflict(reason, where)
+        try:
+            # write_once is durable (fsync, or the S3 answer) before it returns. Promise
+            # kept: the payload is whole before the manifest (the commit point) names it.
+            self._write_payload(ref, seg.payload)
+            # Promise kept: once this returns the segment survives a power cut: ack may go.
+            self.objects.write_once(ref.manifest_key, manifest_json)
+        except ObjectExists as err:
+            # Another machine's receiver (not under our lock) is storing this seq: no ack
+            # now; the redelivery finds it stored and answers "duplicate" or "conflict".
+            raise StoreError(
+                f"{self.location(str(err))} appeared during a put of "
+                f"{seg.device_id}/{seg.seq}; try again"
+            ) from err
         return "stored"
 
     def _write_payload(self, ref: StoredRef, payload: bytes) -> None:
@@ -176,31 +194,91 @@ class Store:
         blob_or_parts: bytes | tuple[bytes, bytes],
         reason: str,
     ) -> Path:
-        """Keep rejected bytes with a reason file; returns the entry's folder.
+        """Keep rejected bytes with a reason file, within the quarantine bounds; returns the
+        entry's folder.
 
         ``blob_or_parts`` is the raw message (``message.bin``) or (signed manifest JSON, payload).
-        Entries are never removed by this program.
+        Older entries are dropped to make room (see the module docstring).
         """
         safe_dev = dev if dev is not None and DEVICE_ID_RE.match(dev) else "_unknown"
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         seq_part = f"{seq:012d}" if seq is not None and seq >= 0 else "unknown"
         entry = self.home.quarantine_dir / safe_dev / f"{seq_part}-{stamp}-{uuid.uuid4().hex[:8]}"
-        make_dirs(entry)
         if isinstance(blob_or_parts, tuple):
-            manifest_json, payload = blob_or_parts
-            # atomic_write fsyncs: quarantined evidence survives a power cut like stored segments.
-            atomic_write(entry / "payload.age", payload)
-            atomic_write(entry / "manifest.json", manifest_json)
+            files = {"manifest.json": blob_or_parts[0], "payload.age": blob_or_parts[1]}
         else:
-            atomic_write(entry / "message.bin", blob_or_parts)
+            files = {"message.bin": blob_or_parts}
+        size = sum(len(data) for data in files.values())
+        lim = self.limits
+        mib = 1024 * 1024
+        cap = min(lim.quarantine_mb, lim.quarantine_device_mb) * mib
         text = f"device: {dev}\nseq: {seq}\nreason: {reason}\n"
-        # Written last (fsynced by atomic_write): a reason file marks a complete entry.
-        atomic_write(entry / "reason.txt", text.encode())
+        if size > cap:
+            text += f"evidence: {size} bytes not kept (larger than the quarantine bound of {cap})\n"
+            files, size = {}, 0
+            self.counts["quarantine_truncated"] += 1
+        with exclusive_lock(self.home.locks_dir / QUARANTINE_LOCK):
+            self._make_room(safe_dev, size + len(text))
+            make_dirs(entry)
+            # atomic_write fsyncs: quarantined evidence survives a power cut like stored segments.
+            for name, data in files.items():
+                atomic_write(entry / name, data)
+            # Written last (fsynced by atomic_write): a reason file marks a complete entry.
+            atomic_write(entry / "reason.txt", text.encode())
+        self.counts["quarantined"] += 1
         return entry
+
+    def _make_room(self, dev: str, size: int) -> None:
+        """Drop the oldest entries until one more of ``size`` bytes from ``dev`` fits."""
+        lim, mib = self.limits, 1024 * 1024
+        entries = self._quarantine_sizes()
+        mine = [e for e in entries if e[1].parent.name == dev]
+        # The device's own bound: its own oldest entries go first.
+        while mine and (sum(e[2] for e in mine) + size > lim.quarantine_device_mb * mib
+                        or len(mine) + 1 > lim.quarantine_device_entries):
+            entries.remove(self._drop_entry(mine.pop(0)))
+        # The total bound: the oldest entry of the device holding the most goes first, so a
+        # box flooding rejected messages only ever pushes out its own.
+        while entries and (sum(e[2] for e in entries) + size > lim.quarantine_mb * mib
+                           or len(entries) + 1 > lim.quarantine_entries):
+            held: dict[str, int] = {}
+            for entry in entries:
+                held[entry[1].parent.name] = held.get(entry[1].parent.name, 0) + entry[2]
+            biggest = max(held, key=lambda d: held[d])
+            entries.remove(self._drop_entry(next(e for e in entries
+                                                 if e[1].parent.name == biggest)))
+
+    def _drop_entry(self, entry: tuple[float, Path, int]) -> tuple[float, Path, int]:
+        shutil.rmtree(entry[1], ignore_errors=True)
+        self.counts["quarantine_dropped"] += 1
+        log.warning("quarantine full: dropped the oldest entry %s (%d bytes)",
+                    entry[1].relative_to(self.home.quarantine_dir), entry[2])
+        return entry
+
+    def _quarantine_sizes(self) -> list[tuple[float, Path, int]]:
+        """(mtime, folder, bytes) of every quarantine entry, oldest first."""
+        found = []
+        root = self.home.quarantine_dir
+        if not root.is_dir():
+            return []
+        for dev_dir in root.iterdir():
+            if not dev_dir.is_dir():
+                continue
+            for folder in dev_dir.iterdir():
+                try:
+                    stats = [f.stat() for f in folder.iterdir()]
+                    mtime = folder.stat().st_mtime
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                found.append((mtime, folder, sum(s.st_size for s in stats)))
+        return sorted(found)
 
     def quarantine_entries(self) -> list[Path]:
         """Complete quarantine entries (those with a reason file)."""
         return sorted(p.parent for p in self.home.quarantine_dir.glob("*/*/reason.txt"))
+
+    def quarantine_bytes(self) -> int:
+        return sum(size for _m, _f, size in self._quarantine_sizes())
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -246,3 +324,16 @@ class Store:
     def iter_segments(self, dev: str | None = None) -> Iterator[SealedSegment]:
         for ref in self.iter_refs(dev):
             yield self.load_ref(ref)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created if missing). Each call opens its own file
+    description, so it excludes other threads of this process as well as other processes."""
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -35,7 +35,7 @@ from appliance.audio.source import (
     check_line_map,
 )
 from appliance.config import CaptureSection
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 log = logging.getLogger(__name__)
 route_alsa_messages()

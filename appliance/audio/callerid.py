@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from appliance.audio.dsp import FloatArray, db_to_amplitude
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 BAUD = 1200
 CENTER_HZ = 1700.0

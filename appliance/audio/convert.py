@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 FloatFrames = npt.NDArray[np.float32]
 Int16Frames = npt.NDArray[np.int16]

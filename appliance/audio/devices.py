@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from appliance.audio import alsa
 from appliance.audio.source import AudioError, Block, DeviceLost, SourceExhausted
 from appliance.config import CaptureSection
-from appliance.errors import ApplianceError, UsageError
+from linerec_contract.errors import ApplianceError, UsageError
 
 log = logging.getLogger(__name__)
 

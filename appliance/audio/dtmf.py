@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows
-from appliance.errors import ConfigError, FormatError
+from linerec_contract.errors import ConfigError, FormatError
 
 ROW_HZ: tuple[float, ...] = (697.0, 770.0, 852.0, 941.0)
 COL_HZ: tuple[float, ...] = (1209.0, 1336.0, 1477.0, 1633.0)

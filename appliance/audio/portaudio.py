@@ -20,7 +20,7 @@ from appliance.audio.source import (
     check_line_map,
 )
 from appliance.config import CaptureSection
-from appliance.errors import DependencyError
+from linerec_contract.errors import DependencyError
 
 log = logging.getLogger(__name__)
 

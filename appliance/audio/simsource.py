@@ -21,7 +21,7 @@ from appliance.audio.source import (
     selected_channels,
 )
 from appliance.config import CaptureSection
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 FAST_CHUNK_S = 0.25
 """Without pacing, read this much per call: cheaper than one period at a time."""

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.config import CaptureSection
-from appliance.errors import ApplianceError, ConfigError
+from linerec_contract.errors import ApplianceError, ConfigError
 
 Clock = Callable[[], int]
 

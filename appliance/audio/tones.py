@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows
-from appliance.errors import ConfigError, FormatError
+from linerec_contract.errors import ConfigError, FormatError
 
 HOP_MS = 25
 STATE_VERSION = 1

@@ -27,7 +27,7 @@ from appliance.audio.source import (
     selected_channels,
 )
 from appliance.config import CaptureSection
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 WARMUP_FRAMES = 4096
 """Storage frames replayed (and dropped) before a resampled continuation: > 2x the filter."""

@@ -11,7 +11,7 @@ from typing import Any
 from appliance.buffer.fileio import FileIO
 from appliance.buffer.format import RECORD_HEADER_SIZE, decode_record, is_empty_header
 from appliance.buffer.recovery import SlotFile, locate_newest, read_file_header
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 _LIST_LIMIT = 1000  # longest list kept in the report; the counts are always exact
 _CHUNK = 1 << 20

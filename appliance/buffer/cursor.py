@@ -6,8 +6,8 @@ from pathlib import Path
 
 import crc32c
 
-from appliance.durable import atomic_write
-from appliance.errors import FormatError
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import FormatError
 
 _TAG = "ring-cursor"
 _VERSION = 1

@@ -10,7 +10,7 @@ from operator import index as _index
 
 import crc32c
 
-from appliance.errors import ApplianceError, ConfigError, FormatError
+from linerec_contract.errors import ApplianceError, ConfigError, FormatError
 
 FILE_MAGIC = b"RINGJRNL"
 RECORD_MAGIC = b"RREC"

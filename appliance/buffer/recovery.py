@@ -24,7 +24,7 @@ from appliance.buffer.format import (
     is_empty_header,
     peek_header,
 )
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 # Local scan: stop after this many consecutive slots without a newer record. A power cut can
 # lose unsynced records out of order; holes up to this long before the newest record are found.

@@ -21,7 +21,7 @@ from appliance.buffer.format import (
     encode_header,
 )
 from appliance.buffer.recovery import SlotFile, locate_newest, read_file_header
-from appliance.errors import ConfigError, FormatError
+from linerec_contract.errors import ConfigError, FormatError
 
 log = logging.getLogger(__name__)
 

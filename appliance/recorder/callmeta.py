@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.seal.manifest import sensitive_leaves
+from linerec_contract.manifest import sensitive_leaves
 
 INBOUND_WINDOW_S = 10.0
 MAX_NOTES = 500

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from appliance.audio.dsp import FLOOR_DBFS, frame_levels_db
-from appliance.errors import ConfigError, FormatError
+from linerec_contract.errors import ConfigError, FormatError
 
 CALL_START = "call_start"
 CALL_END = "call_end"

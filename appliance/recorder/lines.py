@@ -12,13 +12,13 @@ from typing import Any
 from appliance.audio.dtmf import DtmfConfig
 from appliance.audio.tones import ToneConfig
 from appliance.config import RecorderSection
-from appliance.errors import FormatError
 from appliance.recorder import pci
 from appliance.recorder.callmeta import OpenCall
 from appliance.recorder.detect import CallDetector, DetectorConfig
 from appliance.recorder.health import HealthConfig, LineHealth
 from appliance.recorder.lineproc import AnalyzerConfig, LineAnalyzer
 from appliance.recorder.spool import Spool
+from linerec_contract.errors import FormatError
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 1.0

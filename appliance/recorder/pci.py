@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.durable import atomic_write_json, ensure_dir
-from appliance.errors import FormatError
+from linerec_contract.durable import atomic_write_json, ensure_dir
+from linerec_contract.errors import FormatError
 
 SILENCE = "silence"
 COMFORT_NOISE = "comfort-noise"

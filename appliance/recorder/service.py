@@ -31,15 +31,17 @@ import numpy as np
 from appliance import sdnotify
 from appliance.buffer import Flags, Gap, Record, RingReader
 from appliance.config import CaptureSection, Config
-from appliance.durable import atomic_write_json, ensure_dir, fsync_dir, write_status
-from appliance.errors import ApplianceError, ConfigError, FormatError
 from appliance.recorder.callmeta import INBOUND_WINDOW_S, OpenCall, avoid_leaks, part_meta
 from appliance.recorder.detect import CALL_START, CallDetector, DetectorEvent
 from appliance.recorder.lineproc import Analysis
 from appliance.recorder.lines import LineState, line_setup
 from appliance.recorder.spool import Spool, remove_unreferenced
-from appliance.seal import FIRST_SEQ, DeviceKey, SegmentInput, decode_wire, encode_wire, seal_segment
 from appliance.sync.outbox import outbox_for
+from linerec_contract.durable import atomic_write_json, ensure_dir, fsync_dir, write_status
+from linerec_contract.errors import ApplianceError, ConfigError, FormatError
+from linerec_contract.identity import DeviceKey
+from linerec_contract.manifest import FIRST_SEQ
+from linerec_contract.segment import SegmentInput, decode_wire, encode_wire, seal_segment
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.durable import fsync_dir
+from linerec_contract.durable import fsync_dir
 
 BYTES_PER_FRAME = 2
 

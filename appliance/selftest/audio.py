@@ -37,10 +37,10 @@ import numpy as np
 from appliance.audio import alsa
 from appliance.audio.source import AudioError, check_line_map
 from appliance.config import CaptureSection
-from appliance.errors import ApplianceError
 from appliance.selftest.context import Context, Take, capture_status, capture_take, journal_take
 from appliance.selftest.model import CheckResult, Verdict, grade
 from appliance.selftest.signal import ACTIVE_FRACTION, LineMeasures, dbfs, dbm0, dominant_tone
+from linerec_contract.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 

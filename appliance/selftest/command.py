@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.config import Config
-from appliance.durable import atomic_write
-from appliance.errors import ApplianceError, UsageError
 from appliance.selftest import audio, store
 from appliance.selftest.context import Context
 from appliance.selftest.model import SelftestResult, Verdict
 from appliance.selftest.runner import MANUAL_CHECKS, boot_id, run_checks, select
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import ApplianceError, UsageError
 
 
 def selftest_command(cfg: Config, *, only: Sequence[str] | None, as_json: bool,

@@ -12,8 +12,8 @@ import numpy.typing as npt
 
 from appliance.audio.source import AudioError, CaptureSource, SourceExhausted, open_source
 from appliance.config import CaptureSection, Config
-from appliance.errors import ApplianceError
 from appliance.selftest.signal import LineMeasures, measure
+from linerec_contract.errors import ApplianceError
 
 STATUS_FRESH_S = 10.0
 """The capture stage rewrites its status file about once a second."""

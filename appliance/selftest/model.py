@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 RESULT_VERSION = 1
 

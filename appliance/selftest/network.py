@@ -17,9 +17,9 @@ import time
 from datetime import UTC, datetime
 
 from appliance.config import Config
-from appliance.errors import ApplianceError
 from appliance.selftest.context import Context
 from appliance.selftest.model import CheckResult, Verdict
+from linerec_contract.errors import ApplianceError
 
 TIMEOUT_S = 5.0
 CONNECT_WARN_MS = 1000.0
@@ -112,7 +112,7 @@ def check_reachable(ctx: Context) -> list[CheckResult]:
 
 
 def _tls_context(cfg: Config) -> ssl.SSLContext:
-    from appliance.pki import tls_context
+    from linerec_contract.tls import tls_context
 
     ca, cert, key = cfg.tls_paths()
     return tls_context(ssl.Purpose.SERVER_AUTH, ca, cert, key, what="uplink")

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, UsageError
 from appliance.selftest import audio, network, system
 from appliance.selftest.context import Context
 from appliance.selftest.model import Check, CheckResult, SelftestResult, Verdict
+from linerec_contract.errors import ApplianceError, UsageError
 
 log = logging.getLogger(__name__)
 

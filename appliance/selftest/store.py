@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config
-from appliance.durable import atomic_write_json, durable_unlink, ensure_dir
-from appliance.errors import FormatError
 from appliance.selftest.model import CheckResult, SelftestResult
+from linerec_contract.durable import atomic_write_json, durable_unlink, ensure_dir
+from linerec_contract.errors import FormatError
 
 LAST_FILE = "last.json"
 SESSION_FILE = "session.json"

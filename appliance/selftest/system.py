@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from appliance.buffer.check import check as check_journal_file
-from appliance.durable import ensure_dir
-from appliance.errors import ApplianceError, FormatError
 from appliance.selftest.context import Context
 from appliance.selftest.model import CheckResult, Verdict, grade
+from linerec_contract.durable import ensure_dir
+from linerec_contract.errors import ApplianceError, FormatError
 
 MIB = 1024 * 1024
 DISK_FAIL_BYTES = 256 * MIB
@@ -131,8 +131,8 @@ def check_journal(ctx: Context) -> list[CheckResult]:
 
 
 def check_outbox(ctx: Context) -> list[CheckResult]:
-    from appliance.seal.segment import decode_wire
     from appliance.sync.outbox import Outbox
+    from linerec_contract.segment import decode_wire
 
     limits = "every pending segment has its SHA-256 sidecar and it matches the file"
     folder = ctx.cfg.outbox_dir

@@ -1,9 +1,14 @@
 """A private mosquitto for tests, the embedded demo and lab setups.
 
 The broker listens on loopback only, with mutual TLS: every client presents a certificate from
-the PKI's CA and the certificate's common name becomes its MQTT user name. The ACL confines each
-box to ``rec/v1/<its CN>/#``; the central user may read and write all of ``rec/v1/#`` (plain or
-through a ``$share/<group>/...`` subscription). Persistence is on, so QoS 1 messages queued for
+the PKI's CA and the certificate's common name becomes its MQTT user name and its client id
+(``use_username_as_clientid``: no client can take over another's session, so each receiver has
+a certificate of its own, listed in ``central_users``). The ACL confines each box to
+``rec/v1/<its CN>/#``; the central users may read and write all of ``rec/v1/#`` (plain or
+through a ``$share/<group>/...`` subscription). Mosquitto 2.0 checks read access when it
+delivers, not when a client subscribes, so a box may *join* any shared group (and the broker
+then drops what it would hand that box): central's group name is a secret of the central home
+(see docs/protocol.md), never a fixed word. Persistence is on, so QoS 1 messages queued for
 persistent sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
 
 Everything the broker writes (config, ACL, database, log) stays in ``workdir``.
@@ -23,10 +28,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from appliance.errors import ApplianceError, DependencyError
 from appliance.pki import Pki
 from appliance.procs import owned_preexec
-from appliance.sync.protocol import TOPIC_ROOT
+from linerec_contract.errors import ApplianceError, DependencyError
+from linerec_contract.protocol import MAX_PACKET_BYTES, TOPIC_ROOT
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -71,11 +76,13 @@ class Broker:
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: Path, pki: Pki, *, port: int = 0, central_user: str = "central",
+    def __init__(self, workdir: Path, pki: Pki, *, port: int = 0,
+                 central_users: tuple[str, ...] = ("central",),
                  autosave_interval_s: int = AUTOSAVE_INTERVAL_S) -> None:
         self.workdir = workdir
         self.pki = pki
-        self.central_user = central_user
+        self.central_users = central_users  # one certificate per receiver or fleet tool
+        self.central_user = central_users[0]
         self.autosave_interval_s = autosave_interval_s
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -110,9 +117,9 @@ class Broker:
             "# Every box is confined to its own subtree.\n"
             f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
             "\n"
-            "# The central receiver and fleet tools see every box.\n"
-            f"user {self.central_user}\n"
-            f"topic readwrite {TOPIC_ROOT}/#\n"
+            "# The central receivers and fleet tools see every box.\n"
+            + "".join(f"user {user}\ntopic readwrite {TOPIC_ROOT}/#\n"
+                      for user in self.central_users)
         )
         lines = [
             "# Written by appliance.sync.broker; regenerated on every start.",
@@ -125,6 +132,9 @@ class Broker:
             "persistent_client_expiration 7d",
             "max_queued_messages 100000",
             "max_queued_bytes 0",
+            # Nothing larger than one chunk plus headers (docs/protocol.md): a client sending
+            # more is disconnected, so no message can make central hold more than that.
+            f"max_packet_size {MAX_PACKET_BYTES}",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
@@ -146,6 +156,9 @@ class Broker:
             "tls_version tlsv1.2",
             "require_certificate true",
             "use_identity_as_username true",
+            # The client id is the certificate's identity: a box cannot take over a receiver's
+            # session (and with it a share of every box's segments) by connecting under its id.
+            "use_username_as_clientid true",
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
 

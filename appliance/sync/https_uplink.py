@@ -21,16 +21,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance import sdnotify
-from appliance.errors import ConfigError, FormatError
-from appliance.pki import tls_context
 from appliance.sync.outbox import Outbox
-from appliance.sync.protocol import MAX_CONTROL_MESSAGE, Ack, https_segment_path
 from appliance.sync.uplink_base import (
     DEFAULT_CHUNK_BYTES,
     STATUS_INTERVAL_S,
     UplinkBase,
     UploadOrder,
 )
+from linerec_contract.errors import ConfigError, FormatError
+from linerec_contract.protocol import MAX_CONTROL_MESSAGE, Ack, https_segment_path
+from linerec_contract.tls import tls_context
 
 log = logging.getLogger(__name__)
 

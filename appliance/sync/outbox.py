@@ -1,7 +1,7 @@
 """The durable outbox: sealed segments waiting for central's acknowledgement.
 
 One folder, shared by two processes: the recorder adds segments, the uplink sends and removes
-them. The blobs are opaque here (wire-format sealed segments from ``appliance.seal``); the
+them. The blobs are opaque here (wire-format sealed segments from ``linerec_contract``); the
 outbox only knows each one's sequence number and the SHA-256 of its payload, which central
 echoes in its ack. Files::
 
@@ -49,20 +49,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.durable import (
+from linerec_contract.durable import (
     atomic_write,
     atomic_write_json,
     durable_unlink,
     ensure_dir,
     fsync_dir,
 )
-from appliance.errors import ApplianceError, FormatError, StateDirError
+from linerec_contract.errors import ApplianceError, FormatError, StateDirError
+from linerec_contract.manifest import MAX_SEQ
 
 SEG_RE = re.compile(r"^seg-(\d{12})\.seg$")
 PREP_RE = re.compile(r"^\.seg-(\d{12})\.prep$")
 SIDECAR_RE = re.compile(r"^seg-(\d{12})\.sha256$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_SEQ = 10**12 - 1
 ACKED_FILE = "acked.json"
 LOSSES_FILE = "losses.json"
 LOCK_FILE = ".lock"

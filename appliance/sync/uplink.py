@@ -43,11 +43,17 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance import __version__, sdnotify
-from appliance.durable import atomic_write_json
-from appliance.errors import ConfigError, FormatError
-from appliance.pki import tls_context
 from appliance.sync.outbox import Outbox
-from appliance.sync.protocol import (
+from appliance.sync.uplink_base import (
+    DEFAULT_CHUNK_BYTES,
+    STATUS_INTERVAL_S,
+    UplinkBase,
+    UploadOrder,
+    boot_id,
+)
+from linerec_contract.durable import atomic_write_json
+from linerec_contract.errors import ConfigError, FormatError
+from linerec_contract.protocol import (
     MAX_CONTROL_MESSAGE,
     Ack,
     ChunkInfo,
@@ -59,13 +65,7 @@ from appliance.sync.protocol import (
     segment_topic,
     status_topic,
 )
-from appliance.sync.uplink_base import (
-    DEFAULT_CHUNK_BYTES,
-    STATUS_INTERVAL_S,
-    UplinkBase,
-    UploadOrder,
-    boot_id,
-)
+from linerec_contract.tls import tls_context
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any, Literal
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from appliance.durable import write_status
-from appliance.errors import ConfigError, FormatError
 from appliance.sync.outbox import SEG_RE, Outbox
-from appliance.sync.protocol import DEVICE_ID_RE, Ack
 from appliance.sync.ratelimit import TokenBucket
+from linerec_contract.durable import write_status
+from linerec_contract.errors import ConfigError, FormatError
+from linerec_contract.protocol import DEVICE_ID_RE, Ack
 
 log = logging.getLogger("appliance.sync.uplink")
 

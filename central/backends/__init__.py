@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 
 StorageKind = Literal["filesystem", "s3"]
 IndexKind = Literal["sqlite", "postgresql"]

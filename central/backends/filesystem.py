@@ -11,9 +11,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from appliance.durable import tmp_name
 from central.backends import ObjectExists
 from central.home import make_dirs
+from linerec_contract.durable import tmp_name
 
 READ_ONLY = 0o444
 

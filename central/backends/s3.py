@@ -23,8 +23,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from appliance.errors import ConfigError
 from central.backends import ObjectExists, StorageConfig
+from linerec_contract.errors import ConfigError
 
 log = logging.getLogger("central.backends.s3")
 

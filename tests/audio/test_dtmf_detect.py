@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from appliance.audio import dtmf
 from appliance.audio.simulator import LineSimulator
-from appliance.errors import ConfigError
+from linerec_contract.errors import ConfigError
 from tests.audio.talkoff import voiced_speech
 
 RATE = 8000

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import durable
+from linerec_contract import durable
 
 
 def record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:

@@ -12,11 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from appliance.seal import DeviceKey, SealedSegment, encode_wire, generate_age_identity, seal_segment
-from appliance.seal.canonical import canonical_json
-from appliance.seal.segment import WIRE_HEADER, WIRE_MAGIC, WIRE_VERSION
 from central.home import init_home
 from central.store import Store
+from linerec_contract.canonical import canonical_json
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import (
+    WIRE_HEADER,
+    WIRE_MAGIC,
+    WIRE_VERSION,
+    SealedSegment,
+    encode_wire,
+    seal_segment,
+)
 from tests.box.support import appliance
 from tests.seal.helpers import make_input
 

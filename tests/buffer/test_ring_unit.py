@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import appliance.durable
+import linerec_contract.durable
 from appliance.buffer import (
     Cursor,
     Flags,
@@ -34,7 +34,7 @@ from appliance.buffer.format import (
     encode_file_header,
     encode_record,
 )
-from appliance.errors import ConfigError, FormatError
+from linerec_contract.errors import ConfigError, FormatError
 
 SLOT = 4096
 
@@ -331,7 +331,7 @@ def test_cursor_crash_during_save_keeps_old_value(
     def crash(src: object, dst: object) -> None:
         raise OSError("power cut before rename")
 
-    monkeypatch.setattr(appliance.durable.os, "replace", crash)
+    monkeypatch.setattr(linerec_contract.durable.os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
         c.save(42)
     assert synced, "the temp file is fsynced before the rename"

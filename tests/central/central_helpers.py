@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from appliance.seal import DeviceKey, SealedSegment, SegmentInput, seal_segment
+from linerec_contract.identity import DeviceKey
+from linerec_contract.segment import SealedSegment, SegmentInput, seal_segment
 
 DEVICE = "box-1"
 RATE = 8000
@@ -35,8 +36,10 @@ class Box:
     def seal_call(
         self, call_id: str, signal: np.ndarray, parts: int, *, line: str = "line-1",
         start_frame: int = 48_000, start_ns: int = START_NS, codec: str = "flac",
+        key: DeviceKey | None = None, next_key: DeviceKey | None = None,
     ) -> list[SealedSegment]:
-        """Cut ``signal`` into ``parts`` consecutive, sample-exact parts and seal each."""
+        """Cut ``signal`` into ``parts`` consecutive, sample-exact parts and seal each (with
+        ``key`` instead of the box's own; the last part announcing ``next_key``)."""
         bounds = np.linspace(0, signal.size, parts + 1).astype(int)
         out = []
         for part in range(parts):
@@ -48,7 +51,8 @@ class Box:
             )
             seg = seal_segment(
                 inp, device_id=self.device_id, seq=self.seq, prev_manifest_sha256=self.prev,
-                recipients=self.recipients, key=self.key, codec=codec,
+                recipients=self.recipients, key=key or self.key, codec=codec,
+                next_key=next_key if part == parts - 1 else None,
             )
             self.seq += 1
             self.prev = seg.manifest_sha256

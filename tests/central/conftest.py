@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.seal import DeviceKey
 from central.home import Home, init_home
+from linerec_contract.identity import DeviceKey
 
 from .central_helpers import DEVICE, Box
 

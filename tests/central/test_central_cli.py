@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from appliance.seal import SealedSegment, encode_wire
-from appliance.sync.protocol import segment_topic
 from central.cli import main
 from central.home import Home
-from central.receiver import Receiver
+from central.receiver import SegmentIntake
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import SealedSegment, encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 
 
 def receive(home: Home, segs: list[SealedSegment]) -> None:
-    receiver = Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root)
+    receiver = SegmentIntake(home)
     for seg in segs:
         outcome = receiver.handle(segment_topic(seg.device_id, seg.seq), encode_wire(seg))
         assert outcome.ack is not None and outcome.ack.result == "stored", outcome.detail

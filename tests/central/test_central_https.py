@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from appliance.pki import Pki, ensure_pki
-from appliance.seal import encode_wire
-from appliance.sync.protocol import Ack
 from central.home import Home
 from central.https import common_name_from_dn
 from central.store import Store
+from linerec_contract.protocol import Ack
+from linerec_contract.segment import encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import sqlite3
 
-from appliance.seal import encode_wire
-from appliance.sync.protocol import segment_topic
 from central.home import Home
 from central.index import Index, rebuild_index
-from central.receiver import Receiver
+from central.receiver import SegmentIntake
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import encode_wire
 
 from .central_helpers import Box, known_signal
 
 
-def receive_all(home: Home, segs) -> Receiver:
-    receiver = Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root)
+def receive_all(home: Home, segs) -> SegmentIntake:
+    receiver = SegmentIntake(home)
     for seg in segs:
         outcome = receiver.handle(segment_topic(seg.device_id, seg.seq), encode_wire(seg))
         assert outcome.ack is not None and outcome.ack.result == "stored", outcome.detail

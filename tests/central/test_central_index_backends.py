@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from appliance.seal import SealedSegment, encode_wire
-from appliance.sync.protocol import segment_topic
 from central.cli import main
 from central.home import Home, init_home
 from central.index import PgIndex, open_index
 from central.receiver import SegmentIntake
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import SealedSegment, encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 
@@ -93,7 +93,7 @@ def use_postgresql(home: Home, dsn: str) -> None:
 def test_postgresql_index_equals_sqlite_and_reindex(
         tmp_path: Path, box_key: Any, pg_dsn: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     # The same segments into two homes: one with the embedded SQLite index, one with PostgreSQL.
     lite, pg = init_home(tmp_path / "lite"), init_home(tmp_path / "pg")

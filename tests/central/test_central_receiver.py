@@ -18,18 +18,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import central.receiver as receiver_module
 from appliance.pki import ensure_pki
-from appliance.seal import DeviceKey, SealedSegment, decode_wire, encode_wire
 from appliance.sync.broker import Broker
-from appliance.sync.protocol import Ack, ack_topic, segment_topic
 from central.home import Home
 from central.receiver import Receiver
 from central.store import Store
+from linerec_contract.identity import DeviceKey
+from linerec_contract.protocol import Ack, ack_topic, segment_topic
+from linerec_contract.segment import SealedSegment, decode_wire, encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 
 
 def offline_receiver(home: Home) -> Receiver:
-    return Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root)
+    return Receiver(home, host="unused", port=1, ca=home.root, cert=home.root, key=home.root,
+                    client_id="offline")
 
 
 def tampered(seg: SealedSegment) -> bytes:
@@ -46,16 +48,27 @@ def test_checks_reject_and_quarantine(home: Home, box: Box, make_box) -> None:
         "malformed segment": (segment_topic(DEVICE, 0), b"RSEG\x01garbage"),
         "topic names": (segment_topic(DEVICE, 5), encode_wire(segs[0])),
     }
-    stranger = Box("box-x", DeviceKey.generate(), home.recipients())
-    foreign = stranger.seal_call("s", known_signal(80), 1)[0]
-    cases["not enrolled"] = (segment_topic("box-x", 0), encode_wire(foreign))
+    other = make_box("box-2")  # enrolled, but its key is not box-1's
+    forged = Box(DEVICE, other.key, home.recipients()).seal_call("f", known_signal(80), 1)[0]
+    cases["is not a trusted key of device box-1"] = (segment_topic(DEVICE, 0), encode_wire(forged))
     for expected, (topic, blob) in cases.items():
         outcome = receiver.handle(topic, blob)
         assert outcome.ack is not None
         assert outcome.ack.result == "rejected" and expected in outcome.ack.reason, outcome.detail
     assert len(Store(home).quarantine_entries()) == 4
+    # A box that is not enrolled is refused and counted, never quarantined nor answered.
+    stranger = Box("box-x", DeviceKey.generate(), home.recipients())
+    foreign = stranger.seal_call("s", known_signal(80), 1)[0]
+    outcome = receiver.handle(segment_topic("box-x", 0), encode_wire(foreign))
+    assert outcome.ack is None and outcome.refused == "not_enrolled"
+    assert receiver.counts["not_enrolled"] == 1
+    assert len(Store(home).quarantine_entries()) == 4
     assert list(Store(home).iter_refs()) == []
-    assert receiver.handle("rec/v1/box-1/seg/notanumber", b"x").ack is None
+    for topic in ("rec/v1/box-1/seg/notanumber", "rec/v1/box-1/seg/\u00b2", "rec/v1/box-1/seg/-1",
+                  "rec/v1/box-1/seg/1000000000000", "rec/v1/box-1/seg/01"):
+        outcome = receiver.handle(topic, b"x")
+        assert outcome.ack is None and outcome.refused == "malformed", topic
+    assert len(Store(home).quarantine_entries()) == 4
 
 
 def test_out_of_order_is_fine_but_a_broken_link_is_rejected(home: Home, box: Box) -> None:
@@ -140,7 +153,8 @@ def test_end_to_end_stored_duplicate_rejected(home: Home, box: Box, broker: Brok
         assert len(Store(home).quarantine_entries()) == 1
         assert client.send(1, encode_wire(nxt)).result == "stored"  # still running
         assert thread.is_alive()
-        assert receiver.counts == {"stored": 2, "duplicate": 1, "rejected": 1, "unanswered": 0}
+        counts = {k: v for k, v in receiver.counts.items() if v}
+        assert counts == {"stored": 2, "duplicate": 1, "rejected": 1}
     finally:
         client.close()
         stop.set()
@@ -184,7 +198,7 @@ def test_storage_error_means_no_ack_and_the_broker_redelivers(
     home: Home, box: Box, broker: Broker, monkeypatch
 ) -> None:
     monkeypatch.setattr(receiver_module, "RETRY_AFTER_STORAGE_ERROR_S", 0.2)
-    real_put = Store.put
+    real_put = Store.put_locked
     failures = []
 
     def full_disk_once(self: Store, seg: SealedSegment) -> str:
@@ -193,7 +207,7 @@ def test_storage_error_means_no_ack_and_the_broker_redelivers(
             raise OSError(28, "No space left on device")
         return real_put(self, seg)
 
-    monkeypatch.setattr(Store, "put", full_disk_once)
+    monkeypatch.setattr(Store, "put_locked", full_disk_once)
     pki = broker.pki
     receiver = Receiver(
         home, host=broker.host, port=broker.port, ca=pki.ca_cert,
@@ -244,3 +258,39 @@ def test_serve_command_uses_central_toml(home: Home, box: Box, broker: Broker) -
         if proc.stderr is not None:
             proc.stderr.close()
     assert code == 0
+
+
+def test_a_dead_network_loop_is_noticed_and_replaced(
+    home: Home, box: Box, broker: Broker, monkeypatch
+) -> None:
+    """paho's network thread dying (as it did on a seq of '²') must not end the intake."""
+    real_loop = mqtt.Client.loop_forever
+    deaths: list[str] = []
+
+    def dies_once(self: mqtt.Client, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not deaths:
+            deaths.append(str(self._client_id))
+            raise ValueError("invalid literal for int() with base 10: '\u00b2'")
+        return real_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(mqtt.Client, "loop_forever", dies_once)
+    pki = broker.pki
+    receiver = Receiver(
+        home, host=broker.host, port=broker.port, ca=pki.ca_cert,
+        cert=pki.client_cert("central"), key=pki.client_key("central"),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=receiver.run, args=(stop,), daemon=True)
+    thread.start()
+    client = None
+    try:
+        assert receiver.ready.wait(20), "the receiver did not come back after its loop died"
+        assert deaths and receiver.counts["reconnects"] == 1
+        client = BoxClient(broker)
+        seg = box.seal_call("c1", known_signal(800), 1)[0]
+        assert client.send(0, encode_wire(seg)).result == "stored"
+    finally:
+        if client is not None:
+            client.close()
+        stop.set()
+        thread.join(15)

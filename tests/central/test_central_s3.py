@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from appliance.seal import encode_wire
-from appliance.sync.protocol import segment_topic
 from central.backends import ObjectExists, storage_config
 from central.backends.s3 import S3ObjectStore
 from central.cli import main
@@ -20,6 +18,8 @@ from central.home import Home
 from central.index import open_index
 from central.receiver import SegmentIntake
 from central.store import SegmentConflict, Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import encode_wire
 
 from .central_helpers import DEVICE, Box, known_signal
 from .s3_server import S3Stand

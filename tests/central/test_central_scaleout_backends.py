@@ -30,10 +30,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.pki import Pki, ensure_pki
-from appliance.seal import DeviceKey, encode_wire
 from appliance.sync.broker import Broker
-from appliance.sync.protocol import Ack, ack_topic, segment_topic
 from central.home import Home, init_home
+from linerec_contract.identity import DeviceKey
+from linerec_contract.protocol import Ack, ack_topic, segment_topic
+from linerec_contract.segment import encode_wire
 
 from .central_helpers import Box, known_signal
 from .s3_server import S3Stand

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError, StateDirError
 from central.home import init_home, open_home, parse_config
 from central.store import SegmentConflict, Store
+from linerec_contract.errors import ConfigError, StateDirError
 
 from .central_helpers import DEVICE, Box, known_signal
 
@@ -133,7 +133,7 @@ def test_enroll_validates_and_refuses_silent_key_change(home, box_key) -> None:
         home.enroll("box-3", "not-a-key")
     with pytest.raises(ConfigError, match="device id"):
         home.enroll("../evil", box_key.public_b64)
-    from appliance.seal import DeviceKey
+    from linerec_contract.identity import DeviceKey
 
     other = DeviceKey.generate()
     with pytest.raises(ConfigError, match="--replace"):
@@ -156,3 +156,36 @@ def test_central_toml_checked_key_by_key(tmp_path: Path) -> None:
     path.write_text('[broker]\nport = "x"\n')
     with pytest.raises(ConfigError, match="must be a int"):
         parse_config(path)
+
+
+def test_quarantine_is_bounded_per_device_and_in_total(home) -> None:
+    from central.home import Limits
+
+    limits = Limits(quarantine_mb=1, quarantine_device_mb=1, quarantine_entries=5,
+                    quarantine_device_entries=3)
+    store = Store(home, limits)
+    blob = b"\x00" * 100_000
+
+    def entries(dev: str) -> list[str]:
+        return [p.name for p in store.quarantine_entries() if p.parent.name == dev]
+
+    first_a = store.quarantine("box-a", 0, blob, "test").name
+    for seq in range(1, 4):
+        store.quarantine("box-a", seq, blob, "test")
+    # the device's entry bound: its own oldest entry went first
+    assert len(entries("box-a")) == 3 and first_a not in entries("box-a")
+    assert store.counts["quarantine_dropped"] == 1
+    # box-c's entry is the oldest of all, but box-a holds the most: the total bound (5 entries)
+    # makes room at box-a
+    (home.quarantine_dir / "box-c").mkdir()
+    old_c = store.quarantine("box-c", 0, blob[:10], "test")
+    os.utime(old_c, (1, 1))
+    for seq in range(2):
+        store.quarantine("box-b", seq, blob[:50_000], "test")
+    assert (len(entries("box-a")), len(entries("box-b")), len(entries("box-c"))) == (2, 2, 1)
+    assert store.counts["quarantine_dropped"] == 2
+    # an entry larger than a bound on its own keeps only its reason
+    big = store.quarantine("box-c", 9, b"\x01" * (2 * 1024 * 1024), "too big")
+    assert [p.name for p in big.iterdir()] == ["reason.txt"]
+    assert "not kept" in (big / "reason.txt").read_text()
+    assert store.quarantine_bytes() <= 1024 * 1024

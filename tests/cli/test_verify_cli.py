@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.seal import DeviceKey, encode_wire, generate_age_identity, seal_segment
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import encode_wire, seal_segment
 from tests.seal.helpers import make_input
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from appliance.buffer import RingWriter, SampleFormat
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
-from appliance.seal import SealedSegment, decode_wire
+from linerec_contract.segment import SealedSegment, decode_wire
 
 RATE = 8000
 PERIOD = 160

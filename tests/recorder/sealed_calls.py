@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.seal import SealedSegment, open_segment_audio, open_segment_sensitive
+from linerec_contract.segment import SealedSegment
+from linerec_contract.verify import open_segment_audio, open_segment_sensitive
 
 
 @dataclass

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.audio.simulator import LineSimulator, SimCall
-from appliance.errors import ConfigError, FormatError
 from appliance.recorder.detect import (
     CALL_DISCARD,
     CALL_END,
@@ -23,6 +22,7 @@ from appliance.recorder.detect import (
     DetectorConfig,
     DetectorEvent,
 )
+from linerec_contract.errors import ConfigError, FormatError
 
 RATE = 8000
 CFG = DetectorConfig()

@@ -14,9 +14,9 @@ import soundfile
 from appliance.audio import callerid, dtmf, tones
 from appliance.audio.simulator import LineSimulator
 from appliance.config import parse_config
-from appliance.errors import ConfigError
 from appliance.recorder.callmeta import OpenCall, avoid_leaks
 from appliance.recorder.health import HealthConfig, LineHealth
+from linerec_contract.errors import ConfigError
 
 RATE = 8000
 NS = 1_000_000_000

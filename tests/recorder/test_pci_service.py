@@ -17,14 +17,10 @@ from appliance.audio.simulator import LineSimulator
 from appliance.config import Config
 from appliance.recorder import pci
 from appliance.recorder.service import Recorder
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    audit_chain,
-    generate_age_identity,
-    open_segment_audio,
-    open_segment_sensitive,
-)
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment
+from linerec_contract.trust import DeviceTrust
+from linerec_contract.verify import audit_chain, open_segment_audio, open_segment_sensitive
 from tests.recorder.recorder_support import (
     DEFAULT_RECORDER,
     RATE,
@@ -56,7 +52,8 @@ def run(tmp_path: Path, extra: str, seconds: float = 120.0, seed: int = 11,
     drain(rec)
     segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    assert audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs}) == []
     return segs, identity, sim, cfg
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import durable
 from appliance.audio.simulator import LineSimulator
 from appliance.recorder.service import Recorder
-from appliance.seal import DeviceKey, generate_age_identity
+from linerec_contract import durable
+from linerec_contract.identity import DeviceKey, generate_age_identity
 from tests.recorder.recorder_support import DEFAULT_RECORDER, RATE, recorder_config, write_ring
 
 
@@ -35,7 +35,7 @@ def umask_022() -> Iterator[None]:
 
 @pytest.fixture
 def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Every folder fsynced through appliance.durable, in order."""
+    """Every folder fsynced through linerec_contract.durable, in order."""
     calls: list[Path] = []
     real = durable.fsync_dir
 

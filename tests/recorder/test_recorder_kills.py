@@ -23,8 +23,10 @@ import pytest
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
-from appliance.seal import DeviceKey, audit_chain, generate_age_identity
 from appliance.supervisor import stage_argv
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.trust import DeviceTrust
+from linerec_contract.verify import audit_chain
 from tests.recorder.recorder_support import RATE, config_text, drain, outbox_segments, write_ring
 from tests.recorder.sealed_calls import compare_with_reference, sealed_calls
 
@@ -111,7 +113,8 @@ def test_sigkilled_recorder_seals_what_an_uninterrupted_run_seals(tmp_path: Path
     final.seal_open_parts()
     segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    assert audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs}) == []
     assert not list(cfg.outbox_dir.glob(".*.prep"))
     got = sealed_calls(segs, identity)
     assert sum(1 for parts in ref_calls.values() if parts[-1].last) >= 10

@@ -18,7 +18,9 @@ import pytest
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
-from appliance.seal import DeviceKey, audit_chain, generate_age_identity
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.trust import DeviceTrust
+from linerec_contract.verify import audit_chain
 from tests.recorder.recorder_support import (
     RATE,
     config_text,
@@ -89,7 +91,8 @@ def test_lost_spools_become_gap_notes_and_alarms(tmp_path: Path) -> None:
     drain(rec)
     segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    assert audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs}) == []
     got = sealed_calls(segs, identity)
     for cid, note in expected.items():
         notes = [g for p in got[cid] for g in p.gaps if g["reason"] == "spool-lost"]
@@ -193,7 +196,8 @@ def test_clean_stop_seals_open_calls_and_the_restart_continues_them(tmp_path: Pa
     segs = outbox_segments(cfg)
     key = DeviceKey.load(cfg.keys_dir / "device.key")
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    assert audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs}) == []
     calls = sealed_calls(segs, identity)
     downtime = {"reason": "capture-gap", "at_frame": stop, "frames": restart - stop}
     across = {c.line: c for c in truth if c.start_frame < stop < c.end_frame}

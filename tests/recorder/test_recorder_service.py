@@ -17,13 +17,10 @@ import pytest
 from appliance.audio.simulator import LineSimulator
 from appliance.config import Config, parse_config
 from appliance.recorder.service import Recorder
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    audit_chain,
-    generate_age_identity,
-    open_segment_audio,
-)
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment
+from linerec_contract.trust import DeviceTrust
+from linerec_contract.verify import audit_chain, open_segment_audio
 from tests.recorder.recorder_support import (
     RATE,
     config_text,
@@ -42,7 +39,8 @@ def make_config(state: Path, recipient: str, max_segment_s: float = 20.0) -> Con
 def check_segments(segs: list[SealedSegment], key: DeviceKey, identity: str,
                    sim: LineSimulator, total: int) -> int:
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    assert audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs}) == []
     calls: dict[str, list[SealedSegment]] = {}
     for s in segs:
         calls.setdefault(s.manifest["call_id"], []).append(s)
@@ -112,7 +110,7 @@ from tests.recorder.recorder_support import (
     recorder_config,
     write_ring,
 )
-from appliance.seal import DeviceKey
+from linerec_contract.identity import DeviceKey
 cfg = load_config(Path(sys.argv[1]))
 rec = Recorder(cfg, recipients=list(cfg.seal.recipients),
                key=DeviceKey.load(cfg.keys_dir / "device.key"))
@@ -193,7 +191,8 @@ def test_drop_oldest_losses_are_announced_in_the_chain(tmp_path: Path) -> None:
     segs = outbox_segments(cfg)
     kept = {s.seq for s in segs}
     assert kept and max(kept) + 1 > len(kept), "nothing was dropped: lower the quota"
-    issues = audit_chain(segs, {key.key_id: key.public_b64})
+    issues = audit_chain(segs, {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64])
+                               for s in segs})
     gaps = [i for i in issues if i.kind == "gap"]
     assert gaps and all("announced by the box" in i.detail for i in gaps[:-1]), issues
     # The newest drops may not be announced yet (no later segment sealed): they are still

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from appliance.seal import DeviceKey, SealedSegment, generate_age_identity, seal_segment
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment, seal_segment
 
 from .helpers import DEVICE, make_input, speechish
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.seal import SegmentInput
+from linerec_contract.segment import SegmentInput
 
 DEVICE = "box-0001"
 

@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.errors import FormatError
-from appliance.seal import canonical_json
-from appliance.seal.canonical import parse_canonical
+from linerec_contract.canonical import canonical_json, parse_canonical
+from linerec_contract.errors import FormatError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.errors import FormatError
-from appliance.seal import CODECS, decode_audio, encode_audio
+from linerec_contract.codec import CODECS, decode_audio, encode_audio
+from linerec_contract.errors import FormatError
 
 from .helpers import speechish
 

@@ -9,17 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    canonical_json,
-    decode_wire,
-    encode_wire,
-    generate_age_identity,
-    seal_segment,
-    verify_segment,
-)
+from linerec_contract.canonical import canonical_json
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.identity import DeviceKey, generate_age_identity
+from linerec_contract.segment import SealedSegment, decode_wire, encode_wire, seal_segment
+from linerec_contract.verify import verify_segment
 
 from .helpers import make_input, speechish
 

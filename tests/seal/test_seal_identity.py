@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import FormatError
-from appliance.seal import (
+from linerec_contract.errors import FormatError
+from linerec_contract.identity import (
     DeviceKey,
     generate_age_identity,
     key_id_for_public,
     load_age_identity,
     recipient_key_id,
+    verify_signature,
     write_age_identity,
 )
-from appliance.seal.identity import verify_signature
 
 
 def test_device_key_created_0600_and_reloaded(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.seal import DeviceKey, generate_age_identity, seal_segment, write_age_identity
+from linerec_contract.identity import DeviceKey, generate_age_identity, write_age_identity
+from linerec_contract.segment import seal_segment
 
 from .helpers import make_input, speechish
 

@@ -8,21 +8,11 @@ import numpy as np
 import pyrage
 import pytest
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal import (
-    DeviceKey,
-    SealedSegment,
-    canonical_json,
-    decode_wire,
-    encode_wire,
-    generate_age_identity,
-    open_segment_audio,
-    open_segment_sensitive,
-    recipient_key_id,
-    seal_segment,
-    verify_segment,
-)
-from appliance.seal.segment import WIRE_HEADER
+from linerec_contract.canonical import canonical_json
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.identity import DeviceKey, generate_age_identity, recipient_key_id
+from linerec_contract.segment import WIRE_HEADER, SealedSegment, decode_wire, encode_wire, seal_segment
+from linerec_contract.verify import open_segment_audio, open_segment_sensitive, verify_segment
 
 from .helpers import make_input, speechish
 

@@ -13,9 +13,9 @@ import soundfile
 
 from appliance.buffer.format import FILE_HEADER_SIZE, RECORD_HEADER_SIZE
 from appliance.config import Config, load_config
-from appliance.seal import DeviceKey
 from appliance.selftest import CheckResult, Verdict, run_selftest
 from appliance.sync.outbox import Outbox
+from linerec_contract.identity import DeviceKey
 from tests.sync.helpers import add_wire_segment, seal_chain
 
 

@@ -21,12 +21,15 @@ BOXES = ["box1", "box2"]
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central"])
+    # "central-tool": a second central identity for test clients beside the receiver (the broker
+    # makes the certificate's CN the client id, so two clients never share one).
+    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central", "central-tool"])
 
 
 @pytest.fixture
 def broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker", pki, autosave_interval_s=1)
+    b = Broker(tmp_path / "broker", pki, central_users=("central", "central-tool"),
+               autosave_interval_s=1)
     b.start()
     try:
         yield b

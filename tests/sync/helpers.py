@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from appliance.pki import Pki
 from appliance.sync.broker import Broker
 from appliance.sync.outbox import Outbox
-from appliance.sync.protocol import (
+from linerec_contract.protocol import (
     SEGMENT_SUBSCRIPTION,
     Ack,
     ack_topic,
@@ -167,7 +167,7 @@ def seal_chain(device_id: str, key: Any, recipients: list[str], count: int, *, s
     """
     import numpy as np
 
-    from appliance.seal import SegmentInput, encode_wire, seal_segment
+    from linerec_contract.segment import SegmentInput, encode_wire, seal_segment
 
     rng = np.random.default_rng(seed)
     prev: str | None = None
@@ -187,7 +187,7 @@ def seal_chain(device_id: str, key: Any, recipients: list[str], count: int, *, s
 
 
 def add_wire_segment(outbox: Outbox, wire: bytes) -> None:
-    from appliance.seal import decode_wire
+    from linerec_contract.segment import decode_wire
 
     seg = decode_wire(wire)
     outbox.prepare(seg.seq, wire, seg.payload_sha256)

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.errors import FormatError
 from appliance.sync.outbox import Outbox, OutboxError
+from linerec_contract.errors import FormatError
 
 from .helpers import add_segment, sha
 

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.errors import DependencyError, FormatError
 from appliance.pki import ensure_pki
 from appliance.sync import broker as broker_mod
 from appliance.sync.broker import Broker
+from linerec_contract.errors import DependencyError, FormatError
 
 from .helpers import Client, wait_until
 

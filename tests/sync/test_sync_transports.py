@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from appliance.pki import Pki
-from appliance.seal import DeviceKey, decode_wire
 from appliance.sync.broker import Broker
 from appliance.sync.https_uplink import HttpsUplink
 from appliance.sync.outbox import Outbox
-from appliance.sync.protocol import Ack, ChunkInfo, segment_topic
 from central.home import Home, init_home
 from central.https import SegmentServer
 from central.receiver import Receiver
 from central.store import Store
+from linerec_contract.identity import DeviceKey
+from linerec_contract.protocol import Ack, ChunkInfo, segment_topic
+from linerec_contract.segment import decode_wire
 
 from .conftest import RunningUplink
 from .helpers import Client, FakeCentral, add_segment, add_wire_segment, seal_chain, wait_until
@@ -46,7 +47,7 @@ def test_chunked_segments_are_reassembled_and_bad_chunks_ignored(
         assert receiver.ready.wait(30)
         # Forged chunks on the box's segment topic: bad properties, and chunks that do not join
         # to the announced hash. Logged and dropped; they must not block the real segments.
-        forger = client("central", "chunk-forger")
+        forger = client("central-tool", "chunk-forger")
         forger.wait_connected()
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties

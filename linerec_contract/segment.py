@@ -1,7 +1,7 @@
 """Sealing a segment, and the wire container that carries it to central.
 
 ``seal_segment`` turns one :class:`SegmentInput` into a :class:`SealedSegment`: the audio file
-(see :mod:`appliance.seal.codec`) encrypted with age to every recipient, a manifest that names
+(see :mod:`linerec_contract.codec`) encrypted with age to every recipient, a manifest that names
 it by SHA-256 and links to the previous manifest, and the device's Ed25519 signature over the
 manifest's canonical JSON. ``encode_wire``/``decode_wire`` are the one place where the outbox
 file and MQTT payload layout lives (``docs/segment-format.md``).
@@ -13,19 +13,21 @@ import base64
 import binascii
 import functools
 import hashlib
+import os
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyrage
 
-from appliance.errors import FormatError
-from appliance.seal.canonical import canonical_json, parse_canonical
-from appliance.seal.codec import check_pcm, encode_audio
-from appliance.seal.identity import DeviceKey, parse_recipient, recipient_key_id
-from appliance.seal.manifest import (
+from linerec_contract.canonical import canonical_json, parse_canonical
+from linerec_contract.codec import check_pcm, encode_audio
+from linerec_contract.errors import FormatError
+from linerec_contract.identity import DeviceKey, parse_recipient, recipient_key_id
+from linerec_contract.manifest import (
     FORMAT,
     check_gap,
     sensitive_leaves,
@@ -227,16 +229,13 @@ def encode_wire(seg: SealedSegment) -> bytes:
     return header + signed + seg.payload
 
 
-def decode_wire(data: bytes) -> SealedSegment:
-    """Parse a blob from :func:`encode_wire`; FormatError with a one-line reason otherwise."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise FormatError(f"segment blob must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < WIRE_HEADER.size:
+def _check_header(header: bytes, size: int) -> tuple[int, int]:
+    """(manifest length, payload length) from a wire header of a ``size``-byte blob."""
+    if size < WIRE_HEADER.size:
         raise FormatError(
-            f"segment blob is {len(data)} bytes; shorter than its {WIRE_HEADER.size}-byte header"
+            f"segment blob is {size} bytes; shorter than its {WIRE_HEADER.size}-byte header"
         )
-    magic, version, flags, reserved, mlen, plen = WIRE_HEADER.unpack_from(data)
+    magic, version, flags, reserved, mlen, plen = WIRE_HEADER.unpack_from(header)
     if magic != WIRE_MAGIC:
         raise FormatError(f"segment blob starts with {magic!r}; expected {WIRE_MAGIC!r}")
     if version != WIRE_VERSION:
@@ -246,10 +245,31 @@ def decode_wire(data: bytes) -> SealedSegment:
     if mlen > MAX_SIGNED_MANIFEST:
         raise FormatError(f"segment blob manifest length {mlen} exceeds {MAX_SIGNED_MANIFEST}")
     expected = WIRE_HEADER.size + mlen + plen
-    if len(data) != expected:
+    if size != expected:
         raise FormatError(
-            f"segment blob is {len(data)} bytes; its header announces {expected} "
+            f"segment blob is {size} bytes; its header announces {expected} "
             "(truncated or trailing bytes)"
         )
+    return mlen, plen
+
+
+def read_wire_file(path: Path) -> SealedSegment:
+    """:func:`decode_wire` of a file, holding its payload in memory once (not twice)."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mlen, plen = _check_header(fh.read(WIRE_HEADER.size), size)
+        signed = fh.read(mlen)
+        payload = fh.read(plen)
+    if len(signed) != mlen or len(payload) != plen:
+        raise FormatError(f"{path.name}: segment file changed while it was read")
+    return SealedSegment.from_parts(signed, payload)
+
+
+def decode_wire(data: bytes) -> SealedSegment:
+    """Parse a blob from :func:`encode_wire`; FormatError with a one-line reason otherwise."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise FormatError(f"segment blob must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    mlen, _plen = _check_header(data[:WIRE_HEADER.size], len(data))
     start = WIRE_HEADER.size
     return SealedSegment.from_parts(data[start:start + mlen], data[start + mlen:])

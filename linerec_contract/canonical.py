@@ -3,7 +3,7 @@
 Rules (also in ``docs/segment-format.md``): object keys sorted by code point, no whitespace,
 UTF-8 without ``\\u`` escapes for non-ASCII, integers only (no floats, NaN or infinities) within
 the signed 64-bit range, strings without lone surrogates. Anything else is rejected with a
-:class:`~appliance.errors.FormatError` naming the offending path, so a value that could be
+:class:`~linerec_contract.errors.FormatError` naming the offending path, so a value that could be
 encoded two ways never reaches a signature.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import zstandard
 
-from appliance.errors import FormatError
+from linerec_contract.errors import FormatError
 
 CODECS = ("flac", "opus", "zstd-pcm")
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)

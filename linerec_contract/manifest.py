@@ -13,13 +13,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from appliance.errors import FormatError
-from appliance.seal.codec import CODECS, MAX_RATE
-from appliance.seal.identity import key_id_for_public
+from linerec_contract.codec import CODECS, MAX_RATE
+from linerec_contract.errors import FormatError
+from linerec_contract.identity import key_id_for_public
 
 FORMAT = "rec-segment/1"
 FIRST_SEQ = 0  # a device's first segment has seq 0 and prev_manifest_sha256 null
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as in appliance.sync.protocol
+MAX_SEQ = 10**12 - 1  # the largest segment number (12 decimal digits, as in file names)
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # as in linerec_contract.protocol
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SIGNING_KEY_ID_RE = re.compile(r"^ed25519:[0-9a-f]{16}$")
 RECIPIENT_ID_RE = re.compile(r"^age:[0-9a-f]{16}$")
@@ -150,7 +151,7 @@ _SHA = _matches(SHA256_RE, "64 lowercase hex digits")
 REQUIRED: dict[str, Callable[[Any], str | None]] = {
     "format": _one_of(FORMAT),
     "device_id": _matches(DEVICE_ID_RE, "letters, digits, '_.-', at most 63"),
-    "seq": _int(FIRST_SEQ),
+    "seq": _int(FIRST_SEQ, MAX_SEQ),
     "line": _text,
     "call_id": _text,
     "part": _int(0),

@@ -17,8 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.durable import atomic_write, ensure_dir
-from appliance.errors import FormatError
+from linerec_contract.durable import atomic_write, ensure_dir
+from linerec_contract.errors import FormatError
 
 KEY_FILE_MODE = 0o600
 

@@ -11,25 +11,26 @@ import base64
 import binascii
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyrage
 
-from appliance.errors import FormatError, VerificationError
-from appliance.seal.canonical import canonical_json, parse_canonical
-from appliance.seal.codec import decode_audio
-from appliance.seal.identity import (
+from linerec_contract.canonical import canonical_json, parse_canonical
+from linerec_contract.codec import decode_audio
+from linerec_contract.errors import FormatError, VerificationError
+from linerec_contract.identity import (
     key_id_for_public,
     parse_age_identity,
     recipient_key_id,
     recipient_of,
     verify_signature,
 )
-from appliance.seal.manifest import FIRST_SEQ, validate_manifest
-from appliance.seal.segment import SealedSegment
+from linerec_contract.manifest import FIRST_SEQ, validate_manifest
+from linerec_contract.segment import SealedSegment
+from linerec_contract.trust import DeviceTrust, UntrustedKey
 
 LOSSLESS = ("flac", "zstd-pcm")
 
@@ -89,6 +90,21 @@ def verify_segment(seg: SealedSegment, public_b64: str) -> None:
     """Check schema, signature and payload hash; VerificationError naming what failed."""
     _check_schema(seg)
     _check_signature(seg, public_b64)
+    _check_payload(seg)
+
+
+def verify_trusted(seg: SealedSegment, trust: DeviceTrust) -> None:
+    """Check ``seg`` with the key ``trust`` allows for its device and seq (see
+    :mod:`linerec_contract.trust`); VerificationError (UntrustedKey for the key) naming what
+    failed."""
+    _check_schema(seg)
+    if seg.device_id != trust.device_id:
+        raise UntrustedKey(
+            f"{_name(seg)} is checked against the keys of device {trust.device_id}; a device's "
+            "keys never sign another device's segments"
+        )
+    public = trust.public_key(str(seg.manifest["signing_key_id"]), seg.seq)
+    _check_signature(seg, public)
     _check_payload(seg)
 
 
@@ -158,24 +174,16 @@ class ChainIssue:
     detail: str
 
 
-def _key_check(
-    seg: SealedSegment, public_keys: dict[str, str], announced: dict[str, tuple[str, int]],
-    retired: dict[str, int],
-) -> str | None:
+def _key_check(seg: SealedSegment, trust: DeviceTrust | None) -> str | None:
     """Why ``seg``'s signature cannot be trusted, or None."""
     try:
         validate_manifest(seg.manifest)
     except FormatError as err:
         return f"manifest is not a valid {seg.manifest.get('format', 'manifest')}: {err}"
-    key_id, seq = seg.manifest["signing_key_id"], seg.seq
-    if key_id in retired and seq > retired[key_id]:
-        return f"signed by {key_id}, retired by the rotation announced at seq {retired[key_id]}"
-    public = public_keys.get(key_id)
-    if public is None and key_id in announced and seq > announced[key_id][1]:
-        public = announced[key_id][0]
-    if public is None:
-        return f"signed by {key_id}, which is not a trusted key of this device"
+    if trust is None:
+        return f"device {seg.device_id} is not enrolled: no key may sign its segments"
     try:
+        public = trust.public_key(seg.manifest["signing_key_id"], seg.seq)
         _check_signature(seg, public)
     except VerificationError as err:
         return str(err)
@@ -193,17 +201,15 @@ def _gap_reason(start: int, end: int, later: list[SealedSegment]) -> str:
 
 
 def _audit_device(
-    device: str, segs: list[SealedSegment], public_keys: dict[str, str], start_seq: int | None,
+    device: str, segs: list[SealedSegment], trust: DeviceTrust | None, start_seq: int | None,
     check_payloads: bool = True,
 ) -> list[ChainIssue]:
     issues: list[ChainIssue] = []
-    announced: dict[str, tuple[str, int]] = {}
-    retired: dict[str, int] = {}
     trusted: dict[int, list[SealedSegment]] = defaultdict(list)
     by_hash: dict[str, int] = {}
     for seg in sorted(segs, key=lambda s: s.seq):
         seq = seg.seq
-        problem = _key_check(seg, public_keys, announced, retired)
+        problem = _key_check(seg, trust)
         if problem:
             issues.append(ChainIssue("bad-signature", seq, f"{device}/{seq}: {problem}"))
             continue
@@ -223,11 +229,9 @@ def _audit_device(
             issues.append(ChainIssue("bad-hash", seq, str(err)))
         trusted[seq].append(seg)
         by_hash[digest] = seq
-        nxt = seg.manifest.get("next_signing_key")
-        if nxt is not None:
-            announced[nxt["key_id"]] = (nxt["public_b64"], seq)
-            if nxt["key_id"] != seg.manifest["signing_key_id"]:
-                retired[seg.manifest["signing_key_id"]] = seq
+        rotation = trust.announcement(seg.manifest) if trust is not None else None
+        if trust is not None and rotation is not None:
+            trust = trust.with_rotation(rotation)
     if not trusted:
         return issues
     seqs = sorted(trusted)
@@ -267,13 +271,14 @@ def _check_link(
 
 
 def audit_chain(
-    segments: Iterable[SealedSegment], public_keys: dict[str, str], *,
+    segments: Iterable[SealedSegment], trust: Mapping[str, DeviceTrust], *,
     start_seq: int | None = FIRST_SEQ, check_payloads: bool = True,
 ) -> list[ChainIssue]:
-    """Audit the chains of all devices in ``segments`` (any order) against trusted keys.
+    """Audit the chains of all devices in ``segments`` (any order), each against its own keys.
 
-    ``public_keys`` maps key id to base64 public key; keys announced via ``next_signing_key``
-    in a trusted manifest are accepted for later seqs, and the announcing key is retired.
+    ``trust`` maps device id to the :class:`DeviceTrust` of that device; a device missing from
+    it has no trusted key. Rotations announced in a trusted manifest (``next_signing_key``) are
+    learnt while walking the chain in seq order (see :mod:`linerec_contract.trust`).
     ``start_seq`` is the seq the chain must start at (None: start at the lowest present).
     ``check_payloads=False``: the caller verified the payloads already (streamed).
     """
@@ -288,6 +293,6 @@ def audit_chain(
             continue
         by_device[device].append(seg)
     for device in sorted(by_device):
-        issues.extend(_audit_device(device, by_device[device], public_keys, start_seq,
+        issues.extend(_audit_device(device, by_device[device], trust.get(device), start_seq,
                                     check_payloads))
     return issues
