@@ -1,18 +1,24 @@
-"""A private mosquitto for tests, the embedded demo and lab setups.
+"""The fleet broker: the shipped mosquitto configuration, and a private broker run from it.
 
-The broker listens on loopback only, with mutual TLS: every client presents a certificate from
-the PKI's CA and the certificate's common name becomes its MQTT user name. The ACL confines each
-box to ``rec/v1/<its CN>/#``; the central user may read and write all of ``rec/v1/#`` (plain or
-through a ``$share/<group>/...`` subscription). Persistence is on, so QoS 1 messages queued for
-persistent sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
+The configuration ships with the package in ``appliance/sync/broker_conf/``: ``mosquitto.conf.in``
+(mutual TLS; certificate CN = user name = client id; CRL), ``mosquitto.acl`` (each box confined
+to its own subtree) and ``fleet_acl.c``, a small mosquitto plugin that refuses subscriptions a
+box has no business making (anything outside its subtree, every ``$share/...`` filter).
+:func:`render_config` fills in paths and port; the demo, the tests and the OS image all use it.
 
-Everything the broker writes (config, ACL, database, log) stays in ``workdir``.
+:class:`Broker` runs one mosquitto from that configuration for tests, the embedded demo and lab
+setups, listening on loopback. Persistence is on, so QoS 1 messages queued for persistent
+sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
+
+Everything the broker writes (config, ACL, database, log) stays in ``workdir``; the compiled
+plugin is cached per user (``$XDG_CACHE_HOME/line-recorder``), keyed by its source's hash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import os
 import shutil
 import signal
@@ -23,14 +29,21 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from appliance.durable import atomic_write
 from appliance.errors import ApplianceError, DependencyError
-from appliance.pki import Pki
+from appliance.pki import Pki, ensure_crl
 from appliance.sync.protocol import TOPIC_ROOT
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 AUTOSAVE_INTERVAL_S = 5
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+CONF_DIR = Path(__file__).parent / "broker_conf"
+CONF_TEMPLATE = CONF_DIR / "mosquitto.conf.in"
+ACL_FILE = CONF_DIR / "mosquitto.acl"
+PLUGIN_SOURCE = CONF_DIR / "fleet_acl.c"
+PLUGIN_ENV = "APPLIANCE_FLEET_ACL_PLUGIN"
+CENTRAL_PREFIX = "central-*"
 
 
 class BrokerError(ApplianceError):
@@ -65,16 +78,77 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def plugin_path() -> Path:
+    """The compiled ``fleet_acl`` plugin: ``$APPLIANCE_FLEET_ACL_PLUGIN``, or built once from
+    the shipped source with the C compiler and mosquitto's plugin headers, cached per user."""
+    override = os.environ.get(PLUGIN_ENV)
+    if override:
+        if not os.path.isfile(override):
+            raise DependencyError(f"{PLUGIN_ENV}={override} does not exist (the compiled "
+                                  f"fleet_acl plugin, a .so file)")
+        return Path(override)
+    source = PLUGIN_SOURCE.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "line-recorder"
+    target = cache / f"fleet_acl-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise DependencyError("cannot build the broker's fleet_acl plugin: no C compiler "
+                              "(apt-get install gcc mosquitto-dev libmosquitto-dev)")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{target.name}.{os.getpid()}.tmp"
+    built = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(tmp), str(PLUGIN_SOURCE)],
+        capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = (built.stderr.strip().splitlines() or ["no output"])[0]
+        raise DependencyError(f"cannot build the broker's fleet_acl plugin ({first}): install "
+                              f"mosquitto-dev and libmosquitto-dev")
+    os.replace(tmp, target)  # a cache: rebuilt when missing, so no fsync is needed
+    return target
+
+
+def render_acl(central_users: tuple[str, ...]) -> str:
+    """The shipped ACL, with a ``user`` block for every named central user beyond ``central``
+    (prefixes such as ``central-*`` are granted by the fleet_acl plugin)."""
+    text = ACL_FILE.read_text()
+    for user in central_users:
+        if not user.endswith("*") and f"\nuser {user}\n" not in text:
+            text += f"\nuser {user}\ntopic readwrite {TOPIC_ROOT}/#\n"
+    return text
+
+
+def render_config(*, port: int, host: str, ca: Path, cert: Path, key: Path, crl: Path,
+                  acl: Path, plugin: Path, central_users: tuple[str, ...]) -> str:
+    """The shipped ``mosquitto.conf.in`` with its placeholders filled in."""
+    values = {
+        "PORT": str(port), "HOST": host, "CA_FILE": str(ca), "CERT_FILE": str(cert),
+        "KEY_FILE": str(key), "CRL_FILE": str(crl), "ACL_FILE": str(acl),
+        "PLUGIN": str(plugin), "TOPIC_ROOT": TOPIC_ROOT, "CENTRAL_USERS": ",".join(central_users),
+    }
+    text = CONF_TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", value)
+    return text
+
+
 class Broker:
     """One mosquitto process with its config, ACL, database and log in ``workdir``."""
 
     host = "127.0.0.1"
 
     def __init__(self, workdir: Path, pki: Pki, *, port: int = 0, central_user: str = "central",
-                 autosave_interval_s: int = AUTOSAVE_INTERVAL_S) -> None:
+                 autosave_interval_s: int = AUTOSAVE_INTERVAL_S,
+                 central_users: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.pki = pki
         self.central_user = central_user
+        # Certificate CNs with central's rights; "central-*" covers every further receiver and
+        # fleet-tool certificate (the fleet CA never issues a box a CN starting with "central").
+        extra = [u for u in (*central_users, CENTRAL_PREFIX) if u != central_user]
+        self.central_users = (central_user, *dict.fromkeys(extra))
         self.autosave_interval_s = autosave_interval_s
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -104,49 +178,29 @@ class Broker:
     def _write_config(self, port: int) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
-        self.acl_path.write_text(
-            "# Written by appliance.sync.broker. User name = certificate CN.\n"
-            "# Every box is confined to its own subtree.\n"
-            f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
-            "\n"
-            "# The central receiver and fleet tools see every box.\n"
-            f"user {self.central_user}\n"
-            f"topic readwrite {TOPIC_ROOT}/#\n"
-        )
+        ensure_crl(self.pki)
+        atomic_write(self.acl_path, render_acl(self.central_users).encode(), mode=0o644)
+        shipped = render_config(
+            port=port, host=self.host, ca=self.pki.ca_cert, cert=self.pki.server_cert,
+            key=self.pki.server_key, crl=self.pki.crl, acl=self.acl_path, plugin=plugin_path(),
+            central_users=self.central_users)
         lines = [
             "# Written by appliance.sync.broker; regenerated on every start.",
-            "per_listener_settings false",
-            "allow_anonymous false",
-            f"acl_file {self.acl_path}",
             "persistence true",
             f"persistence_location {self.data_dir}/",
             f"autosave_interval {self.autosave_interval_s}",
-            "persistent_client_expiration 7d",
-            "max_queued_messages 100000",
-            "max_queued_bytes 0",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
             "log_type notice",
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "connection_messages true",
         ]
         if os.geteuid() == 0:
             # Run as root: keep the current user instead of dropping to 'mosquitto', which could
             # not read our 0600 keys.
             lines.append(f"user {getpass.getuser()}")
-        lines += [
-            f"listener {port} {self.host}",
-            "protocol mqtt",
-            f"cafile {self.pki.ca_cert}",
-            f"certfile {self.pki.server_cert}",
-            f"keyfile {self.pki.server_key}",
-            "tls_version tlsv1.2",
-            "require_certificate true",
-            "use_identity_as_username true",
-        ]
-        self.conf_path.write_text("\n".join(lines) + "\n")
+        self.conf_path.write_text(shipped + "\n" + "\n".join(lines) + "\n")
 
     def start(self) -> int:
         """Start mosquitto, wait until it completes TLS handshakes, and return its port."""
@@ -244,6 +298,12 @@ class Broker:
             proc.kill()
             proc.wait()
         self._proc = None
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto reloads its ACL, certificates and CRL (a revoked box is refused
+        from its next connection on)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> int:
         """Graceful stop and start on the same port."""

@@ -21,7 +21,7 @@ BOXES = ["box1", "box2"]
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central"])
+    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central", "central-2"])
 
 
 @pytest.fixture

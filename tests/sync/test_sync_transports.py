@@ -46,7 +46,7 @@ def test_chunked_segments_are_reassembled_and_bad_chunks_ignored(
         assert receiver.ready.wait(30)
         # Forged chunks on the box's segment topic: bad properties, and chunks that do not join
         # to the announced hash. Logged and dropped; they must not block the real segments.
-        forger = client("central", "chunk-forger")
+        forger = client("central-2", "chunk-forger")
         forger.wait_connected()
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties

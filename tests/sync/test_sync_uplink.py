@@ -25,7 +25,7 @@ def test_all_segments_delivered_acked_and_deleted(
         outbox: Outbox, central: Callable[..., FakeCentral], client: Callable[..., Client],
         uplink: Callable[..., RunningUplink], tmp_path: Path) -> None:
     cen = central()
-    watcher = client("central", "status-watcher")
+    watcher = client("central-2", "status-watcher")
     watcher.subscribe(status_topic("box1"))
     blobs = _blobs(40, seed=1)
     for seq in range(20):
@@ -88,7 +88,7 @@ def test_malformed_and_mismatched_acks_are_ignored(
     add_segment(outbox, 0, blob)
     up = uplink(ack_timeout_s=600)
     wait_until(lambda: cen.count(0) >= 1, "segment 0 at central")
-    ctl = client("central", "ack-forger")
+    ctl = client("central-2", "ack-forger")
     garbage = [
         b"not json",
         b"\xff\xfe",
@@ -135,7 +135,7 @@ def test_rejected_segment_is_moved_not_deleted(
     add_segment(outbox, 4, b"refused by central")
     up = uplink(ack_timeout_s=600)
     wait_until(lambda: cen.count(4) >= 1, "segment at central")
-    ctl = client("central", "rejecter")
+    ctl = client("central-2", "rejecter")
     ctl.publish(ack_topic("box1"), Ack(seq=4, sha256=sha(b"refused by central"),
                                        result="rejected", reason="bad signature").encode())
     wait_until(lambda: outbox.rejected() == [4], "segment moved to rejected/")
