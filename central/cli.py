@@ -23,6 +23,7 @@ import soundfile as sf
 from appliance.durable import atomic_write
 from appliance.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
 from appliance.seal import SealedSegment, audit_chain, open_segment_audio, verify_segment
+from central.fleet import cli as fleet_cli
 from central.home import Home, init_home, open_home
 from central.index import Index, rebuild_index
 from central.receiver import Receiver
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -416,6 +418,7 @@ COMMANDS = {
     "export": cmd_export,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
+    "fleet": fleet_cli.cmd_fleet,
 }
 
 

@@ -125,6 +125,7 @@ class Status:
     boot_id: str
     session: int
     ts: float
+    config_version: int = 0  # the fleet config version the box runs (0: none pushed)
     v: int = PROTOCOL_VERSION
 
     def encode(self) -> bytes:
@@ -143,6 +144,7 @@ class Status:
                 boot_id=str(obj["boot_id"]),
                 session=int(obj["session"]),
                 ts=float(obj["ts"]),
+                config_version=int(obj.get("config_version", 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FormatError(f"status message is missing or has a bad field: {err}") from err

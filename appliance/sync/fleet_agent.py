@@ -1,0 +1,384 @@
+"""The fleet agent: telemetry, alarm events, signed commands and pushed config, on the uplink's
+MQTT connection.
+
+The uplink owns the connection; on every (re)connection it subscribes to the agent's topics
+(``cmd/req`` and ``config/desired``) in the same SUBSCRIBE as its acks, hands the agent every
+message on them (paho's thread only queues), and calls :meth:`FleetAgent.tick` from its own
+loop, where all work happens: commands are verified by the one
+:class:`~appliance.sync.fleet_protocol.CommandVerifier`, run, and answered on the MQTT v5
+response topic with the request's correlation data; telemetry goes out every
+``fleet.telemetry_interval_s``; alarms raised and cleared become events.
+
+Commands (``docs/protocol.md``, "Fleet management"): ``ping``; ``selftest`` (answers "not
+available" while the box has no self-test); ``restart`` and ``reboot`` (through systemd, the
+box's supervisor; refused with a reason where the box does not run under systemd);
+``set-config`` (the same path as a pushed config); ``rotate-keys`` (as ``appliance keys
+rotate``); ``pci-pause`` / ``pci-resume`` on a line (a durable request the recorder applies,
+see ``appliance.recorder.pci``); ``upload-logs`` (the last lines of the box's logs, bounded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.errors import ApplianceError, FormatError
+from appliance.sync.fleet_config import ConfigApplier
+from appliance.sync.fleet_protocol import (
+    CommandRefused,
+    CommandResult,
+    CommandVerifier,
+    DesiredConfig,
+    NonceStore,
+    cmd_req_topic,
+    cmd_res_topic,
+    config_desired_topic,
+    config_reported_topic,
+)
+from appliance.sync.protocol import MAX_CONTROL_MESSAGE, event_topic, telemetry_topic
+
+log = logging.getLogger(__name__)
+
+MAX_LOG_BYTES = 48 * 1024
+MAX_INBOX = 64  # queued commands and configs; more are dropped (and counted) until drained
+
+
+@dataclass
+class _Inbound:
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation: bytes | None
+
+
+def _systemd_unit() -> bool:
+    """True when this process is a systemd unit (the box's supervisor is systemd)."""
+    return bool(os.environ.get("INVOCATION_ID")) and shutil.which("systemctl") is not None
+
+
+class FleetAgent:
+    """One box's fleet agent (see the module docstring). Not thread-safe except on_message."""
+
+    def __init__(self, cfg: Config, *, central_key: str | None, boot_id: str,
+                 config_path: Path | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.device.id
+        self.boot_id = boot_id
+        self.clock = clock
+        self.interval_s = cfg.fleet.telemetry_interval_s
+        self.fleet_dir = cfg.state_dir / "fleet"
+        self.fleet_dir.mkdir(parents=True, exist_ok=True)
+        self.verifier = (CommandVerifier(self.device_id, central_key,
+                                         NonceStore(self.fleet_dir / "nonces.json"), clock=clock)
+                         if central_key else None)
+        self.config = ConfigApplier(cfg, config_path=config_path)
+        self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
+        self._queued = 0
+        self._next_telemetry = 0.0
+        self._alarms: dict[str, dict[str, Any]] | None = None
+        self._after: list[Callable[[], None]] = []
+        self.started = time.monotonic()
+        self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0}
+
+    # -- wiring with the uplink --------------------------------------------------------------
+
+    def subscriptions(self) -> list[str]:
+        return [cmd_req_topic(self.device_id), config_desired_topic(self.device_id)]
+
+    def handles(self, topic: str) -> bool:
+        return topic in self.subscriptions()
+
+    def config_version(self) -> int:
+        return self.config.version
+
+    def on_message(self, msg: mqtt.MQTTMessage) -> None:
+        """paho's thread: queue only (bounded)."""
+        if self._queued >= MAX_INBOX or len(msg.payload) > MAX_CONTROL_MESSAGE:
+            self.counters["dropped"] += 1
+            return
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        self._queued += 1
+        self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), response, corr))
+
+    def on_connect(self) -> None:
+        self._next_telemetry = 0.0  # a fresh telemetry right after every connection
+        self._alarms = None
+
+    def next_deadline(self) -> float:
+        return self._next_telemetry
+
+    def tick(self, client: mqtt.Client) -> None:
+        """The uplink's loop: handle what arrived, publish telemetry and events when due."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._queued -= 1
+            if item.topic == config_desired_topic(self.device_id):
+                self._handle_desired(client, item.payload)
+            else:
+                self._handle_command(client, item)
+        now = time.monotonic()
+        if now >= self._next_telemetry:
+            telemetry = self.telemetry()
+            client.publish(telemetry_topic(self.device_id), json.dumps(telemetry).encode(), qos=0)
+            self.counters["telemetry"] += 1
+            self._publish_alarm_events(client, telemetry)
+            self._next_telemetry = now + self.interval_s
+        after, self._after = self._after, []
+        for action in after:
+            action()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _handle_command(self, client: mqtt.Client, item: _Inbound) -> None:
+        self.counters["commands"] += 1
+        if self.verifier is None:
+            result = CommandResult(device=self.device_id, name="?", nonce="", result="refused",
+                                   code="unsigned", reason="this box has no central command key "
+                                   "(install an enrolment bundle)", ts=self.clock())
+        else:
+            try:
+                cmd = self.verifier.verify(item.payload)
+            except CommandRefused as refused:
+                self.counters["refused"] += 1
+                cmd_ = refused.command
+                log.warning("fleet: refused command %s: %s: %s",
+                            cmd_.name if cmd_ else "?", refused.code, refused.reason)
+                result = CommandResult(device=self.device_id, name=cmd_.name if cmd_ else "?",
+                                       nonce=cmd_.nonce if cmd_ else "", result="refused",
+                                       code=refused.code, reason=refused.reason, ts=self.clock())
+            else:
+                log.info("fleet: running command %s (%s)", cmd.name, cmd.nonce)
+                result = self._run(cmd.name, dict(cmd.args), cmd.nonce)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if item.correlation is not None:
+            props.CorrelationData = item.correlation
+        # A box may answer only on its own response topic (the broker's ACL says so too).
+        client.publish(cmd_res_topic(self.device_id), result.encode(), qos=1, properties=props)
+
+    def _run(self, name: str, args: dict[str, Any], nonce: str) -> CommandResult:
+        def done(result: str = "ok", code: str = "", reason: str = "",
+                 data: dict[str, Any] | None = None) -> CommandResult:
+            return CommandResult(device=self.device_id, name=name, nonce=nonce,
+                                 result=result,  # type: ignore[arg-type]
+                                 code=code, reason=reason, data=data or {}, ts=self.clock())
+
+        try:
+            if name == "ping":
+                return done(data={"version": __version__, "boot_id": self.boot_id,
+                                  "uptime_s": round(_uptime(), 1),
+                                  "config_version": self.config.version})
+            if name == "selftest":
+                return done("failed", "not-available", "selftest is not available on this box "
+                            "(no hardware self-test is installed)")
+            if name in ("restart", "reboot"):
+                return self._systemctl(name, done)
+            if name == "set-config":
+                text = args.get("overrides")
+                if not isinstance(text, str):
+                    return done("failed", "bad-args", "set-config needs args.overrides, a JSON "
+                                "object of config keys")
+                try:
+                    overrides = json.loads(text)
+                except ValueError as err:
+                    return done("failed", "bad-args", f"args.overrides is not JSON: {err}")
+                version = args.get("version")
+                report = self.config.apply(
+                    overrides, version if isinstance(version, int) else self.config.version + 1)
+                return done("ok" if report.result in ("applied", "unchanged") else "failed",
+                            "" if report.result in ("applied", "unchanged") else report.result,
+                            report.reason, {"version": report.version, "result": report.result})
+            if name == "rotate-keys":
+                from appliance.recorder.service import NEXT_KEY_FILE
+                from appliance.seal import DeviceKey
+
+                path = self.cfg.keys_dir / NEXT_KEY_FILE
+                if path.exists():
+                    key = DeviceKey.load(path)
+                    return done(data={"key_id": key.key_id, "pending": True,
+                                      "note": "a rotation was already pending"})
+                key = DeviceKey.generate()
+                key.save(path)
+                return done(data={"key_id": key.key_id, "public_b64": key.public_b64,
+                                  "note": "announced in the next sealed segment"})
+            if name in ("pci-pause", "pci-resume"):
+                from appliance.recorder.pci import request_pause
+
+                line = args.get("line")
+                known = self._line_ids()
+                if not isinstance(line, str) or (known and line not in known):
+                    return done("failed", "bad-args", f"{name} needs args.line, one of "
+                                f"{', '.join(known) or 'the configured lines'}; got {line!r}")
+                req = request_pause(self.cfg.state_dir, line, name == "pci-pause")
+                return done(data={"line": line, "request": req})
+            if name == "upload-logs":
+                return done(data=self._recent_logs(args.get("lines")))
+        except (ApplianceError, OSError) as err:
+            return done("failed", "error", str(err))
+        return done("failed", "unknown-command", f"unknown command {name!r}")
+
+    def _systemctl(self, name: str, done: Callable[..., CommandResult]) -> CommandResult:
+        if not _systemd_unit():
+            return done("failed", "not-available", f"{name} needs systemd (this box does not run "
+                        "as systemd units; restart it where it runs)")
+        argv = ["systemctl", "--no-block", "restart", "appliance.target"] if name == "restart" \
+            else ["systemctl", "--no-block", "reboot"]
+
+        def act() -> None:
+            log.warning("fleet: %s requested by central: %s", name, " ".join(argv))
+            subprocess.run(argv, check=False, timeout=30)
+
+        self._after.append(act)  # after the answer has been handed to paho
+        return done(data={"scheduled": " ".join(argv)})
+
+    def _line_ids(self) -> list[str]:
+        ids: list[str] = []
+        for cap in self.cfg.capture:
+            ids += [m.line for m in cap.lines]
+        try:
+            rec = json.loads((self.cfg.run_dir / "recorder.json").read_text())
+            ids += [str(ln["line"]) for ln in rec.get("lines", [])]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return sorted(set(ids))
+
+    def _recent_logs(self, lines: object) -> dict[str, Any]:
+        count = lines if isinstance(lines, int) and 1 <= lines <= 2000 else 200
+        text = ""
+        source = ""
+        if _systemd_unit() and shutil.which("journalctl"):
+            run = subprocess.run(["journalctl", "--no-pager", "-n", str(count), "-u",
+                                  "appliance-*"], capture_output=True, text=True, check=False,
+                                 timeout=30)
+            text, source = run.stdout, "journalctl"
+        else:
+            logs = sorted((self.cfg.state_dir / "logs").glob("*.log"))
+            parts = []
+            for path in logs:
+                try:
+                    tail = path.read_bytes()[-MAX_LOG_BYTES:].decode("utf-8", "replace")
+                except OSError:
+                    continue
+                parts.append(f"== {path.name}\n" + "\n".join(tail.splitlines()[-count:]))
+            text, source = "\n".join(parts), str(self.cfg.state_dir / "logs")
+        encoded = text.encode()[-MAX_LOG_BYTES:].decode("utf-8", "replace")
+        return {"source": source, "bytes": len(encoded), "text": encoded,
+                "truncated": len(text.encode()) > MAX_LOG_BYTES}
+
+    # -- desired config ------------------------------------------------------------------------
+
+    def _handle_desired(self, client: mqtt.Client, payload: bytes) -> None:
+        try:
+            desired = DesiredConfig.decode(payload)
+        except FormatError as err:
+            log.warning("fleet: ignored desired config: %s", err)
+            return
+        report = self.config.apply(desired.overrides, desired.version)
+        client.publish(config_reported_topic(self.device_id), report.encode(), qos=1, retain=True)
+
+    # -- telemetry and events ------------------------------------------------------------------
+
+    def telemetry(self) -> dict[str, Any]:
+        from appliance.status import collect
+
+        st = collect(self.cfg)
+        rec = st["stages"].get("recorder", {})
+        lines = []
+        for ln in rec.get("lines", []) if rec.get("running") else []:
+            lines.append({
+                "line": ln.get("line"), "state": "in-call" if ln.get("in_call") else "idle",
+                "paused": ln.get("paused", False), "level_db": ln.get("level_db"),
+                "noise_floor_db": ln.get("noise_floor_db"),
+                "alarms": sorted({a.get("kind") for a in rec.get("alarms", [])
+                                  if a.get("line") == ln.get("line")}),
+            })
+        journal = []
+        for name, data in st["stages"].items():
+            if name.startswith("capture-"):
+                journal.append({"stream": name.removeprefix("capture-"),
+                                "running": data.get("running", False),
+                                "state": data.get("state"), "xruns": data.get("xruns"),
+                                "gaps": data.get("gaps"),
+                                "recorder_caught_up": rec.get("caught_up")})
+        try:
+            disk = shutil.disk_usage(self.cfg.state_dir)
+            disk_info: dict[str, Any] = {"total_bytes": disk.total, "free_bytes": disk.free,
+                                         "used_pct": round(100 * disk.used / disk.total, 1)}
+        except OSError:
+            disk_info = {}
+        return {
+            "v": 1, "ts": self.clock(), "device": self.device_id, "version": __version__,
+            "boot_id": self.boot_id, "config_version": self.config.version,
+            "uptime_s": round(_uptime(), 1), "lines": lines, "journal": journal,
+            "outbox": st.get("backlog", {}), "link": st.get("link"),
+            "last_ack_ts": st.get("last_ack_ts"), "disk": disk_info,
+            "temperature_c": _temperature(), "stages": {
+                n: bool(d.get("running")) for n, d in st["stages"].items()},
+            "alarms": self._current_alarms(st, rec), "last_selftest": self._last_selftest(),
+        }
+
+    def _current_alarms(self, st: dict[str, Any], rec: dict[str, Any]) -> list[dict[str, Any]]:
+        out = [{"alarm": a.get("alarm"), "detail": a.get("detail")} for a in st.get("alarms", [])]
+        out += [{"alarm": a.get("kind"), "line": a.get("line")} for a in rec.get("alarms", [])]
+        out += [{"alarm": "stage-down", "stage": n} for n, d in st["stages"].items()
+                if not d.get("running")]
+        return out
+
+    def _last_selftest(self) -> dict[str, Any] | None:
+        path = self.cfg.state_dir / "selftest" / "last.json"
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _publish_alarm_events(self, client: mqtt.Client, telemetry: dict[str, Any]) -> None:
+        current = {json.dumps(a, sort_keys=True): a for a in telemetry["alarms"]}
+        if self._alarms is not None:
+            now = self.clock()
+            for key in current.keys() - self._alarms.keys():
+                event = {"v": 1, "kind": "alarm-raised", "ts": now, **current[key]}
+                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
+                self.counters["events"] += 1
+            for key in self._alarms.keys() - current.keys():
+                event = {"v": 1, "kind": "alarm-cleared", "ts": now, **self._alarms[key]}
+                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
+                self.counters["events"] += 1
+        self._alarms = current
+
+
+def _uptime() -> float:
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _temperature() -> float | None:
+    """The highest thermal-zone temperature in °C, None where the kernel exposes none."""
+    temps = []
+    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        try:
+            temps.append(int(zone.read_text().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    return max(temps) if temps else None
