@@ -93,6 +93,7 @@ class FleetAgent:
         self._alarms: dict[str, dict[str, Any]] | None = None
         self._after: list[Callable[[], None]] = []
         self.started = time.monotonic()
+        self.link_state: Callable[[], str] | None = None  # set by the uplink that carries us
         self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0}
 
     # -- wiring with the uplink --------------------------------------------------------------
@@ -329,7 +330,8 @@ class FleetAgent:
             "v": 1, "ts": self.clock(), "device": self.device_id, "version": __version__,
             "boot_id": self.boot_id, "config_version": self.config.version,
             "uptime_s": round(_uptime(), 1), "lines": lines, "journal": journal,
-            "outbox": st.get("backlog", {}), "link": st.get("link"),
+            "outbox": st.get("backlog", {}),
+            "link": self.link_state() if self.link_state else st.get("link"),
             "last_ack_ts": st.get("last_ack_ts"), "disk": disk_info,
             "temperature_c": _temperature(), "stages": {
                 n: bool(d.get("running")) for n, d in st["stages"].items()},

@@ -18,6 +18,7 @@ from appliance.sync.broker import Broker
 from appliance.sync.fleet_agent import FleetAgent
 from appliance.sync.outbox import Outbox
 from appliance.sync.uplink import Uplink
+from appliance.sync.uplink_base import boot_id
 from central.cli import main as central_main
 from central.fleet.registry import Fleet
 from central.home import Home, init_home
@@ -87,7 +88,8 @@ def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable
         cfg, path = box_config(tmp_path / "boxes", dev, extra)
         enrol(fleet, cfg, broker.port, tmp_path, **kw)
         ca, cert, key = cfg.tls_paths()
-        agent = FleetAgent(cfg, central_key=central_command_key(cfg), boot_id=f"boot-{dev}",
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        agent = FleetAgent(cfg, central_key=central_command_key(cfg), boot_id=boot_id(),
                            config_path=path)
         if restart is not None:
             agent.config.restart = restart
