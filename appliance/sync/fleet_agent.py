@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 from appliance import __version__
 from appliance.config import Config
 from appliance.errors import ApplianceError, FormatError
-from appliance.sync.fleet_config import ConfigApplier
+from appliance.sync.fleet_config import ConfigApplier, systemd_restart
 from appliance.sync.fleet_protocol import (
     CommandRefused,
     CommandResult,
@@ -87,6 +87,10 @@ class FleetAgent:
                                          NonceStore(self.fleet_dir / "nonces.json"), clock=clock)
                          if central_key else None)
         self.config = ConfigApplier(cfg, config_path=config_path)
+        if _systemd_unit():
+            from appliance.config import load_config
+
+            self.config.restart = systemd_restart(lambda: load_config(config_path))
         self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._queued = 0
         self._next_telemetry = 0.0

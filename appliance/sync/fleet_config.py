@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
 import time
 import tomllib
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from appliance.config import (
     merge_config,
 )
 from appliance.durable import atomic_write_json
+from appliance.errors import ApplianceError
 from appliance.sync.fleet_protocol import ReportedConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,65 @@ MAX_DEPTH = 6
 
 # A restart hook: restarts the stages and returns "" once they run, else why they do not.
 RestartHook = Callable[[], str]
+START_TIMEOUT_S = 30.0
+
+
+def stage_status_files(cfg: Config) -> dict[str, Path]:
+    """The status file of every stage a config change restarts (capture streams, recorder)."""
+    files = {f"capture-{c.name}": cfg.run_dir / f"capture-{c.name}.json" for c in cfg.capture}
+    files["recorder"] = cfg.run_dir / "recorder.json"
+    return files
+
+
+def watch_stages(files: dict[str, Path], since: float, timeout_s: float,
+                 exited: Callable[[], str]) -> str:
+    """"" once every stage wrote its status after ``since``; else why not (``exited`` names a
+    stage that stopped, e.g. "stage capture-main exited with code 2")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gone = exited()
+        if gone:
+            return gone
+        late = []
+        for name, path in files.items():
+            try:
+                ts = float(json.loads(path.read_text()).get("ts", 0))
+            except (OSError, ValueError, AttributeError):
+                ts = 0.0
+            if ts <= since:
+                late.append(name)
+        if not late:
+            return ""
+        if time.monotonic() > deadline:
+            return f"stage {', '.join(late)} did not start within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def systemd_restart(cfg_loader: Callable[[], Config],
+                    timeout_s: float = START_TIMEOUT_S) -> RestartHook:
+    """The box's restart hook under systemd: restart the capture and recorder units with the
+    config now on disk and watch them come up."""
+    def restart() -> str:
+        try:
+            cfg = cfg_loader()
+        except ApplianceError as err:
+            return f"the config does not load: {err}"
+        units = ["appliance-recorder.service",
+                 *[f"appliance-capture@{c.name}.service" for c in cfg.capture]]
+        since = time.time()
+        systemctl = shutil.which("systemctl") or "systemctl"
+        subprocess.run([systemctl, "restart", "--no-block", *units], check=False, timeout=60)
+
+        def failed() -> str:
+            run = subprocess.run([systemctl, "is-failed", *units], capture_output=True,
+                                 text=True, check=False, timeout=30)
+            bad = [u for u, state in zip(units, run.stdout.split(), strict=False)
+                   if state == "failed"]
+            return f"unit {', '.join(bad)} failed" if bad else ""
+
+        return watch_stages(stage_status_files(cfg), since, timeout_s, failed)
+
+    return restart
 
 
 def _depth(obj: object, level: int = 0) -> int:
@@ -136,5 +198,7 @@ class ConfigApplier:
             return ReportedConfig(version=old_version, result="rolled-back",
                                   desired_version=version, reason=failure + note, ts=time.time())
         log.info("fleet: applied config version %d", version)
+        note = "" if self.restart is not None else \
+            "running stages pick it up at their next start (no supervisor to restart them)"
         return ReportedConfig(version=version, result="applied", desired_version=version,
-                              ts=time.time())
+                              reason=note, ts=time.time())
