@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import StateDirError
+from appliance.errors import ApplianceError, StateDirError
 
 DEVICE_ID = "demo-box-1"
 
@@ -75,6 +75,9 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 ack_timeout_s = 10.0
+
+[fleet]
+telemetry_interval_s = 5.0
 """
 
 
@@ -85,6 +88,7 @@ class Demo:
         from appliance.pki import ensure_pki
         from appliance.seal import DeviceKey
         from appliance.sync.broker import Broker, find_mosquitto
+        from central.fleet.registry import Fleet
         from central.home import init_home
 
         find_mosquitto()  # fail early, in one line, before anything is started
@@ -96,21 +100,46 @@ class Demo:
         home = init_home(self.central_home)
         box_key = DeviceKey.load_or_create(self.box_dir / "keys" / "device.key")
         home.enroll(DEVICE_ID, box_key.public_b64)
-        self.pki = ensure_pki(folder / "pki", [DEVICE_ID, "central"])
+        # The broker runs on the fleet CA of central's home; the box enrols like a real one.
+        fleet = Fleet(home)
+        fleet.ensure()
+        self.pki = ensure_pki(fleet.pki.dir, ["central"])
         self.broker = Broker(folder / "broker", self.pki)
         self.port = self.broker.start()
         self.config_path = self.box_dir / "appliance.toml"
+        keys = self.box_dir / "keys"
         self.config_path.write_text(box_config_text(
-            folder, lines=lines, port=self.port, ca=self.pki.ca_cert,
-            cert=self.pki.client_cert(DEVICE_ID), key=self.pki.client_key(DEVICE_ID),
-            recipient=home.recipients()[0], realtime=realtime, seconds=seconds))
+            folder, lines=lines, port=self.port, ca=keys / "ca.pem", cert=keys / "client.pem",
+            key=keys / "client.key", recipient=home.recipients()[0], realtime=realtime,
+            seconds=seconds))
+        self._enrol_box(fleet)
         self.receiver = self._spawn("receiver", [
             sys.executable, "-m", "central", "--home", str(self.central_home), "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--ca", str(self.pki.ca_cert),
             "--cert", str(self.pki.client_cert("central")),
             "--key", str(self.pki.client_key("central"))])
+        self.fleet = self._spawn("fleet", [
+            sys.executable, "-m", "central", "--home", str(self.central_home), "fleet", "serve"])
         self.box = self._spawn("box", [sys.executable, "-m", "appliance", "run",
                                        "--config", str(self.config_path)])
+
+    def _enrol_box(self, fleet: Fleet) -> None:
+        """provision -> fleet enroll -> provision --install, as on a real box."""
+        from appliance.config import load_config
+        from appliance.durable import atomic_write
+        from appliance.provision import install_bundle, make_request_document
+
+        cfg = load_config(self.config_path)
+        request = self.box_dir / "keys" / "enrolment-request.json"
+        request.write_text(json.dumps(make_request_document(cfg)))
+        bundle = self.folder / f"{DEVICE_ID}.bundle.json"
+        bundle.write_text(json.dumps(fleet.enroll(request, host="127.0.0.1", port=self.port,
+                                                  site="demo", tags=["demo"])))
+        install_bundle(cfg, bundle)
+        # central.toml: the fleet tools find the broker without --broker.
+        atomic_write(self.central_home / "central.toml",
+                     f'[broker]\nhost = "127.0.0.1"\nport = {self.port}\n'
+                     f'ca = "{fleet.pki.ca_cert}"\n'.encode())
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.box_dir / "logs" / f"{name}.log").open("ab") as log:
@@ -118,7 +147,7 @@ class Demo:
             return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
 
     def stop(self) -> None:
-        for proc in (self.box, self.receiver):
+        for proc in (self.box, self.receiver, self.fleet):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -136,7 +165,25 @@ class Demo:
                 out[name] = json.loads((run / f"{name}.json").read_text())
         store = self.central_home / "store" / DEVICE_ID
         out["central_segments"] = len(list(store.glob("*.manifest.json"))) if store.is_dir() else 0
+        out["fleet"] = _fleet_view(self.central_home)
         return out
+
+
+def _fleet_view(home: Path) -> str:
+    """One line: the box as central's fleet service sees it."""
+    from central.fleet.store import FleetStore
+
+    path = home / "fleet" / "fleet.sqlite"
+    if not path.exists():
+        return "fleet: waiting for the fleet service"
+    try:
+        with FleetStore(path) as store:
+            st = store.status(DEVICE_ID) or {}
+            tel = store.telemetry(DEVICE_ID) or {}
+    except (ApplianceError, OSError, ValueError) as err:
+        return f"fleet: store not readable yet ({err})"
+    age = f"{time.time() - tel['received_at']:.0f} s ago" if tel.get("received_at") else "none yet"
+    return f"fleet: {DEVICE_ID} {st.get('state', 'not seen yet')}, telemetry {age}"
 
 
 def render(status: dict[str, Any], elapsed: float, total: float) -> str:
@@ -160,6 +207,7 @@ def render(status: dict[str, Any], elapsed: float, total: float) -> str:
         f"outbox backlog: {backlog.get('segments', 0)} ({backlog.get('bytes', 0)} B)   "
         f"link: {up.get('link', 'starting')}   "
         f"stored at central: {status.get('central_segments', 0)}",
+        status.get("fleet", ""),
     ]
     return "\n".join(rows)
 
@@ -229,4 +277,6 @@ def _print_next_steps(folder: Path) -> None:
   export one:   appliance-central --home {home} export {example} --out call.wav
   segments:     appliance-central --home {home} segments --json
   audit chain:  appliance-central --home {home} verify
+  the fleet:    appliance-central --home {home} fleet ls   (while the demo runs:
+                appliance-central --home {home} fleet cmd {DEVICE_ID} ping)
 box logs: {folder / 'box' / 'logs'}""")

@@ -1,0 +1,42 @@
+"""The demo shows the fleet: the box enrols, central's fleet service sees it online with fresh
+telemetry, and a signed ping answers (real processes, as `make demo` starts them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from appliance.demo import DEVICE_ID, Demo
+
+
+def fleet(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "central", "--home", str(home), "fleet", *argv],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_demo_box_is_online_with_fresh_telemetry_and_answers_ping(tmp_path: Path) -> None:
+    demo = Demo(tmp_path / "demo", 2, realtime=False, seconds=5)
+    try:
+        home = demo.central_home
+        deadline = time.monotonic() + 90
+        while True:
+            listed = fleet(home, "ls", "--json")
+            assert listed.returncode == 0, listed.stderr
+            rows = {r["device"]: r for r in json.loads(listed.stdout)}
+            row = rows.get(DEVICE_ID, {})
+            if row.get("state") == "online" and row.get("telemetry_fresh") and row.get("lines"):
+                break
+            assert time.monotonic() < deadline, f"box not online with telemetry: {row}"
+            time.sleep(1)
+        assert row["site"] == "demo" and row["lines"] == 2
+        table = fleet(home, "ls")
+        assert DEVICE_ID in table.stdout and "online" in table.stdout
+        ping = fleet(home, "cmd", DEVICE_ID, "ping")
+        assert ping.returncode == 0, (ping.stdout, ping.stderr)
+        assert ping.stdout.startswith(f"{DEVICE_ID}: ok")
+        assert "online" in demo.read_status()["fleet"]
+    finally:
+        demo.stop()
