@@ -16,9 +16,12 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, StateDirError
+
+if TYPE_CHECKING:
+    from central.fleet.registry import Fleet
 
 DEVICE_ID = "demo-box-1"
 

@@ -307,15 +307,13 @@ class FleetAgent:
 
         st = collect(self.cfg)
         rec = st["stages"].get("recorder", {})
-        lines = []
-        for ln in rec.get("lines", []) if rec.get("running") else []:
-            lines.append({
-                "line": ln.get("line"), "state": "in-call" if ln.get("in_call") else "idle",
-                "paused": ln.get("paused", False), "level_db": ln.get("level_db"),
-                "noise_floor_db": ln.get("noise_floor_db"),
-                "alarms": sorted({a.get("kind") for a in rec.get("alarms", [])
-                                  if a.get("line") == ln.get("line")}),
-            })
+        lines = [{
+            "line": ln.get("line"), "state": "in-call" if ln.get("in_call") else "idle",
+            "paused": ln.get("paused", False), "level_db": ln.get("level_db"),
+            "noise_floor_db": ln.get("noise_floor_db"),
+            "alarms": sorted({a.get("kind") for a in rec.get("alarms", [])
+                              if a.get("line") == ln.get("line")}),
+        } for ln in (rec.get("lines", []) if rec.get("running") else [])]
         journal = []
         for name, data in st["stages"].items():
             if name.startswith("capture-"):

@@ -129,8 +129,6 @@ class Uplink(UplinkBase):
         self._tls = tls_context(ssl.Purpose.SERVER_AUTH, ca, cert, key, what="uplink")
         self._boot_id = boot_id()
         self.agent = agent  # the fleet agent shares this connection (None: segments only)
-        if agent is not None:
-            agent.link_state = lambda: str(self._link)
 
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
         self._client: mqtt.Client | None = None
@@ -144,6 +142,8 @@ class Uplink(UplinkBase):
         self._partial: _Partial | None = None
         self._throttled = False
         self._announced: set[tuple[int, int]] = set()
+        if agent is not None:
+            agent.link_state = lambda: str(self._link)
 
     # -- setup -------------------------------------------------------------------------------
 

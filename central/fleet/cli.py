@@ -194,9 +194,10 @@ def _show(fleet: Fleet, args: argparse.Namespace) -> int:
     now = time.time()
     with _store(fleet.home) as store:
         dev = fleet.select([args.device])[0]
-        out = {"summary": _summary(dev, fleet, store, now), "status": store.status(dev),
-               "telemetry": store.telemetry(dev), "config": store.config(dev),
-               "events": store.events(dev, limit=20)}
+        out: dict[str, Any] = {
+            "summary": _summary(dev, fleet, store, now), "status": store.status(dev),
+            "telemetry": store.telemetry(dev), "config": store.config(dev),
+            "events": store.events(dev, limit=20)}
     if args.json:
         print(json.dumps(out, indent=1, default=str))
         return 0
@@ -215,9 +216,10 @@ def _show(fleet: Fleet, args: argparse.Namespace) -> int:
               f"{ln.get('noise_floor_db')} dBFS  alarms {','.join(ln.get('alarms') or []) or '-'}")
     for alarm in tel.get("alarms", []):
         print(f"  ALARM {json.dumps(alarm, sort_keys=True)}")
+    hidden = ("v", "ts", "kind", "device", "received_at")
     for ev in out["events"]:
-        print(f"  event {_iso(ev.get('ts'))} {ev['kind']} "
-              + json.dumps({k: v for k, v in ev.items() if k not in ('v', 'ts', 'kind', 'device', 'received_at')}))
+        detail = {k: v for k, v in ev.items() if k not in hidden}
+        print(f"  event {_iso(ev.get('ts'))} {ev['kind']} {json.dumps(detail)}")
     return 0
 
 

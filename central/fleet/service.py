@@ -99,7 +99,7 @@ class FleetService:
     def run(self, stop: threading.Event) -> None:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
         client.tls_set_context(self.tls)
-        client.reconnect_delay_set(0.5, 30)
+        client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda _c, _u, msg: self.handle(msg.topic, bytes(msg.payload))

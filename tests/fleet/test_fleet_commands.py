@@ -17,13 +17,13 @@ from paho.mqtt.properties import Properties
 
 from appliance.seal.identity import DeviceKey
 from appliance.sync.broker import Broker
-from appliance.sync.uplink_base import boot_id
 from appliance.sync.fleet_protocol import (
     CommandResult,
     cmd_req_topic,
     cmd_res_topic,
     sign_command,
 )
+from appliance.sync.uplink_base import boot_id
 from central.fleet.link import operator_tls
 from central.fleet.registry import Fleet
 
