@@ -25,6 +25,7 @@ import os
 import queue
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from appliance import __version__
 from appliance.config import Config
+from appliance.durable import write_status
 from appliance.errors import ApplianceError, FormatError
 from appliance.sync.fleet_config import ConfigApplier, systemd_restart
 from appliance.sync.fleet_protocol import (
@@ -93,8 +95,12 @@ class FleetAgent:
             self.config.restart = systemd_restart(lambda: load_config(config_path))
         self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._queued = 0
+        self._queue_lock = threading.Lock()
         self._next_telemetry = 0.0
-        self._alarms: dict[str, dict[str, Any]] | None = None
+        # The alarms central was last told about, kept across reconnections and restarts (an
+        # advisory file) so that an alarm raised or cleared meanwhile still becomes an event.
+        self._alarms_path = self.fleet_dir / "alarms.json"
+        self._alarms: dict[str, dict[str, Any]] | None = self._load_alarms()
         self._after: list[Callable[[], None]] = []
         self.started = time.monotonic()
         self.link_state: Callable[[], str] | None = None  # set by the uplink that carries us
@@ -113,18 +119,25 @@ class FleetAgent:
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         """paho's thread: queue only (bounded)."""
-        if self._queued >= MAX_INBOX or len(msg.payload) > MAX_CONTROL_MESSAGE:
-            self.counters["dropped"] += 1
-            return
+        with self._queue_lock:
+            if self._queued >= MAX_INBOX or len(msg.payload) > MAX_CONTROL_MESSAGE:
+                self.counters["dropped"] += 1
+                return
+            self._queued += 1
         props = getattr(msg, "properties", None)
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         corr = getattr(props, "CorrelationData", None) if props is not None else None
-        self._queued += 1
         self._inbox.put(_Inbound(msg.topic, bytes(msg.payload), response, corr))
 
     def on_connect(self) -> None:
         self._next_telemetry = 0.0  # a fresh telemetry right after every connection
-        self._alarms = None
+
+    def _load_alarms(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            obj = json.loads(self._alarms_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
 
     def next_deadline(self) -> float:
         return self._next_telemetry
@@ -136,7 +149,8 @@ class FleetAgent:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._queued -= 1
+            with self._queue_lock:
+                self._queued -= 1
             if item.topic == config_desired_topic(self.device_id):
                 self._handle_desired(client, item.payload)
             else:
@@ -338,6 +352,7 @@ class FleetAgent:
             "temperature_c": _temperature(), "stages": {
                 n: bool(d.get("running")) for n, d in st["stages"].items()},
             "alarms": self._current_alarms(st, rec), "last_selftest": self._last_selftest(),
+            "interval_s": self.interval_s,
         }
 
     def _current_alarms(self, st: dict[str, Any], rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -367,6 +382,11 @@ class FleetAgent:
                 event = {"v": 1, "kind": "alarm-cleared", "ts": now, **self._alarms[key]}
                 client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
                 self.counters["events"] += 1
+        if current != self._alarms:
+            try:
+                write_status(self._alarms_path, current)
+            except OSError as err:
+                log.warning("fleet: cannot keep %s: %s", self._alarms_path, err)
         self._alarms = current
 
 

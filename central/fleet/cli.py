@@ -26,7 +26,7 @@ from central.fleet.registry import Fleet
 from central.fleet.store import FleetStore
 from central.home import Home
 
-STALE_FACTOR = 3  # telemetry older than 3 intervals (or 3 minutes) is shown as stale
+STALE_FACTOR = 3  # telemetry older than 3 of the box's intervals is shown as stale
 
 
 def add_parser(sub: Any) -> None:
@@ -106,7 +106,8 @@ def _summary(dev: str, fleet: Fleet, store: FleetStore, now: float) -> dict[str,
     status = store.status(dev) or {}
     tel = store.telemetry(dev) or {}
     box = fleet.box(dev)
-    interval = 60.0
+    interval = tel.get("interval_s")
+    interval = float(interval) if isinstance(interval, int | float) and interval > 0 else 60.0
     fresh_s = STALE_FACTOR * interval
     received = tel.get("received_at")
     outbox = tel.get("outbox") or {}
