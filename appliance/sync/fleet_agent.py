@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 48 * 1024
 MAX_INBOX = 64  # queued commands and configs; more are dropped (and counted) until drained
+ANSWER_WAIT_S = 5.0
 
 
 @dataclass
@@ -192,7 +193,14 @@ class FleetAgent:
         if item.correlation is not None:
             props.CorrelationData = item.correlation
         # A box may answer only on its own response topic (the broker's ACL says so too).
-        client.publish(cmd_res_topic(self.device_id), result.encode(), qos=1, properties=props)
+        info = client.publish(cmd_res_topic(self.device_id), result.encode(), qos=1,
+                              properties=props)
+        if self._after:
+            # restart/reboot: let the answer reach the broker before the box goes down.
+            try:
+                info.wait_for_publish(ANSWER_WAIT_S)
+            except (RuntimeError, ValueError) as err:
+                log.warning("fleet: answer to %s not confirmed: %s", result.name, err)
 
     def _run(self, name: str, args: dict[str, Any], nonce: str) -> CommandResult:
         def done(result: str = "ok", code: str = "", reason: str = "",
@@ -331,11 +339,12 @@ class FleetAgent:
         journal = []
         for name, data in st["stages"].items():
             if name.startswith("capture-"):
-                journal.append({"stream": name.removeprefix("capture-"),
-                                "running": data.get("running", False),
+                stream = name.removeprefix("capture-")
+                journal.append({"stream": stream, "running": data.get("running", False),
                                 "state": data.get("state"), "xruns": data.get("xruns"),
                                 "gaps": data.get("gaps"),
-                                "recorder_caught_up": rec.get("caught_up")})
+                                "recorder_caught_up": rec.get("caught_up"),
+                                **self._journal_fill(stream, rec)})
         try:
             disk = shutil.disk_usage(self.cfg.state_dir)
             disk_info: dict[str, Any] = {"total_bytes": disk.total, "free_bytes": disk.free,
@@ -354,6 +363,28 @@ class FleetAgent:
             "alarms": self._current_alarms(st, rec), "last_selftest": self._last_selftest(),
             "interval_s": self.interval_s,
         }
+
+    def _journal_fill(self, stream: str, rec: dict[str, Any]) -> dict[str, Any]:
+        """How much of the ring the recorder has not read yet (``unread_pct``): near 100 the
+        writer is about to overwrite audio the recorder has not taken."""
+        from appliance.buffer.reader import RingReader
+
+        cursor = (rec.get("cursors") or {}).get(stream)
+        try:
+            reader = RingReader(self.cfg.ring_path(stream))
+        except (ApplianceError, OSError):
+            return {}
+        try:
+            newest, slots = reader.newest_seq(), reader.header.slot_count
+        except (ApplianceError, OSError):
+            return {}
+        finally:
+            reader.close()
+        if newest is None or not isinstance(cursor, int) or slots <= 0:
+            return {"slots": slots, "newest_seq": newest}
+        unread = max(0, newest + 1 - cursor)
+        return {"slots": slots, "newest_seq": newest, "unread_records": unread,
+                "unread_pct": round(100.0 * min(unread, slots) / slots, 1)}
 
     def _current_alarms(self, st: dict[str, Any], rec: dict[str, Any]) -> list[dict[str, Any]]:
         out = [{"alarm": a.get("alarm"), "detail": a.get("detail")} for a in st.get("alarms", [])]

@@ -38,5 +38,12 @@ def test_demo_box_is_online_with_fresh_telemetry_and_answers_ping(tmp_path: Path
         assert ping.returncode == 0, (ping.stdout, ping.stderr)
         assert ping.stdout.startswith(f"{DEVICE_ID}: ok")
         assert "online" in demo.read_status()["fleet"]
+        shown = fleet(home, "show", DEVICE_ID, "--json")
+        tel = json.loads(shown.stdout)["telemetry"]
+        [journal] = tel["journal"]
+        assert journal["stream"] == "main" and 0 <= journal["unread_pct"] <= 100
+        assert {ln["line"] for ln in tel["lines"]} == {"L1", "L2"}
+        assert all(isinstance(ln["noise_floor_db"], float) for ln in tel["lines"])
+        assert tel["outbox"] and tel["disk"]["total_bytes"] > 0
     finally:
         demo.stop()
