@@ -200,3 +200,26 @@ def test_cmd_names_the_boxes_that_did_not_answer(central: Callable[..., tuple[in
     assert "box-silent: no answer within 2 s" in out
     assert "no answer from: box-silent" in err
     assert make_request_document  # the silent box really has keys and a certificate
+
+
+def test_restart_and_reboot_go_through_systemd(central: Callable[..., tuple[int, str, str]],
+                                               box: Box, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd cannot run here: a stand-in ``systemctl`` on PATH records what the box asks of
+    its supervisor (a real one would restart the units or reboot the machine)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")  # as systemd sets for its units
+    code, out, err = central("cmd", "box-a", "restart", "--json")
+    assert code == 0, out
+    assert json.loads(out)["box-a"]["data"]["scheduled"].endswith("restart appliance.target")
+    code, out, err = central("cmd", "box-a", "reboot")
+    assert code == 0, out
+    _wait(lambda: calls.exists() and len(calls.read_text().splitlines()) == 2, "both calls")
+    assert calls.read_text().splitlines() == ["--no-block restart appliance.target",
+                                              "--no-block reboot"]
