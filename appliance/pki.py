@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,8 @@ def _leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str
 
 
 def _leaf_for(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str,
-              public: ec.EllipticCurvePublicKey, *, server: bool) -> x509.Certificate:
+              public: ec.EllipticCurvePublicKey, *, server: bool,
+              names: tuple[str, ...] = (*SERVER_HOSTS, *SERVER_IPS)) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -200,8 +202,12 @@ def _leaf_for(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn:
         )
     )
     if server:
-        alt_names: list[x509.GeneralName] = [x509.DNSName(h) for h in SERVER_HOSTS]
-        alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVER_IPS]
+        alt_names: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt_names.append(x509.DNSName(name))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
@@ -317,6 +323,16 @@ def sign_request(pki: Pki, device_id: str, public: ec.EllipticCurvePublicKey) ->
     """A client certificate for ``device_id`` from the CA (the box keeps its key)."""
     ca_cert, ca_key = load_ca(pki)
     return _leaf_for(ca_cert, ca_key, _check_name(device_id), public, server=False)
+
+
+def issue_server(pki: Pki, names: list[str], cert_path: Path, key_path: Path) -> None:
+    """A broker certificate for ``names`` (host names or addresses) from the CA."""
+    if not names or not all(re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", n) for n in names):
+        raise ConfigError(f"broker names {names!r} must be host names or IP addresses")
+    ca_cert, ca_key = load_ca(pki)
+    key = _new_key()
+    cert = _leaf_for(ca_cert, ca_key, names[0], key.public_key(), server=True, names=tuple(names))
+    _write_pair(cert_path, key_path, cert, key)
 
 
 def new_tls_key() -> ec.EllipticCurvePrivateKey:

@@ -42,6 +42,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--replace", action="store_true", help="re-enrol with a new key")
     p = fs.add_parser("revoke", help="put a box's certificates on the broker's CRL")
     p.add_argument("device")
+    p = fs.add_parser("broker-config", help="write the shipped broker configuration for this fleet")
+    p.add_argument("--out", type=Path, required=True, help="folder for mosquitto.conf and its files")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address mosquitto binds")
+    p.add_argument("--name", action="append", default=[],
+                   help="host name or address the boxes connect to (repeatable)")
+    p.add_argument("--user", default="mosquitto",
+                   help="account mosquitto runs as; it must read the files in --out")
     p = fs.add_parser("serve", help="record every box's status, telemetry, events and answers")
     p.add_argument("--broker")
     p = fs.add_parser("ls", help="every box: online, telemetry, backlog, alarms")
@@ -133,7 +140,8 @@ def _summary(dev: str, fleet: Fleet, store: FleetStore, now: float) -> dict[str,
 
 def cmd_fleet(home: Home, args: argparse.Namespace) -> int:
     fleet = Fleet(home)
-    handler = {"enroll": _enroll, "revoke": _revoke, "serve": _serve, "ls": _ls, "show": _show,
+    handler = {"enroll": _enroll, "revoke": _revoke, "broker-config": _broker_config,
+               "serve": _serve, "ls": _ls, "show": _show,
                "config": _config, "cmd": _cmd, "events": _events}[args.fleet_command]
     return handler(fleet, args)
 
@@ -153,6 +161,37 @@ def _revoke(fleet: Fleet, args: argparse.Namespace) -> int:
     record = fleet.revoke(args.device)
     print(f"revoked {record.device_id}: {len(record.serials)} certificate(s) on {fleet.pki.crl}; "
           f"the broker refuses them once it re-reads the CRL (SIGHUP or restart)")
+    return 0
+
+
+def _broker_config(fleet: Fleet, args: argparse.Namespace) -> int:
+    """The shipped configuration (appliance/sync/broker_conf) for a real broker of this fleet."""
+    import shutil
+
+    from appliance.durable import atomic_write
+    from appliance.pki import issue_server
+    from appliance.sync.broker import plugin_path, render_acl, render_config
+    from central.fleet.link import parse_address
+    from central.home import make_dirs
+
+    listen = parse_address(args.listen)
+    names = args.name or [listen.host]
+    pki = fleet.ensure()
+    out: Path = args.out.resolve()
+    make_dirs(out / "data")
+    issue_server(pki, names, out / "server.crt", out / "server.key")
+    plugin = out / "fleet_acl.so"
+    shutil.copyfile(plugin_path(), plugin)
+    users = ("central", "central-*")
+    atomic_write(out / "mosquitto.acl", render_acl(users).encode())
+    conf = render_config(port=listen.port, host=listen.host, ca=pki.ca_cert,
+                         cert=out / "server.crt", key=out / "server.key", crl=pki.crl,
+                         acl=out / "mosquitto.acl", plugin=plugin, central_users=users)
+    conf += (f"\npersistence true\npersistence_location {out / 'data'}/\n"
+             f"autosave_interval 60\nlog_dest syslog\nlog_dest stderr\nuser {args.user}\n")
+    atomic_write(out / "mosquitto.conf", conf.encode())
+    print(f"broker configuration for {', '.join(names)} written to {out}: run "
+          f"'mosquitto -c {out / 'mosquitto.conf'}'; after 'fleet revoke', send it SIGHUP")
     return 0
 
 
