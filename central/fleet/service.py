@@ -36,6 +36,28 @@ from central.fleet.store import FleetStore
 log = logging.getLogger("central.fleet")
 
 LOG_EVERY_S = 60.0
+# Per box: a healthy box sends a status per connection, telemetry every interval (>= 1 s) and a
+# few events; more than RATE_PER_S messages a second (bursts of RATE_BURST) are dropped and
+# counted, so one box cannot keep the fleet service busy for the others.
+RATE_PER_S = 5.0
+RATE_BURST = 50.0
+
+
+class _Allowance:
+    """A per-box message budget (token bucket)."""
+
+    def __init__(self) -> None:
+        self.tokens = RATE_BURST
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.at) * RATE_PER_S)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 class FleetService:
@@ -46,14 +68,20 @@ class FleetService:
         self.tls = tls
         self.keepalive_s = keepalive_s
         self.ready = threading.Event()
-        self.counters: dict[str, int] = {"messages": 0, "ignored": 0, "stale_deaths": 0}
+        self.counters: dict[str, int] = {"messages": 0, "ignored": 0, "stale_deaths": 0,
+                                         "rate_limited": 0}
         self._last_log: dict[str, float] = {}
+        self._allowance: dict[str, _Allowance] = {}
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Record one message (any thread; the store serialises writes)."""
         self.counters["messages"] += 1
         try:
             dev, kind = parse_fleet_topic(topic)
+            if not self._allowance.setdefault(dev, _Allowance()).take():
+                self.counters["rate_limited"] += 1
+                raise FormatError(f"more than {RATE_PER_S:g} messages a second from {dev}: "
+                                  f"dropped")
             if kind == "status":
                 status = Status.decode(payload)
                 if not self.store.record_status(dev, asdict(status)):

@@ -137,3 +137,19 @@ def test_bad_messages_are_counted_and_never_stored(service: FleetService, home: 
     assert service.counters["ignored"] == before + 5
     assert service.store.status("box-a") is None and service.store.telemetry("box-a") is None
     assert service.store.events("box-a") == []
+
+
+def test_a_flooding_box_is_rate_limited_and_others_still_recorded(service: FleetService) -> None:
+    from central.fleet.service import RATE_BURST, RATE_PER_S
+
+    telemetry = {"v": 1, "ts": 1.0, "device": "box-a", "lines": []}
+    start = time.monotonic()
+    for n in range(2000):
+        service.handle("rec/v1/box-a/telemetry", json.dumps({**telemetry, "ts": n}).encode())
+    elapsed = time.monotonic() - start
+    # At most the burst plus what the budget refilled meanwhile got through.
+    passed = 2000 - service.counters["rate_limited"]
+    assert RATE_BURST <= passed <= RATE_BURST + RATE_PER_S * elapsed + 1
+    service.handle("rec/v1/box-b/telemetry",
+                   json.dumps({**telemetry, "device": "box-b"}).encode())
+    assert service.store.telemetry("box-b") is not None  # another box is not slowed
