@@ -18,7 +18,9 @@ def fleet(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_box_is_online_with_fresh_telemetry_and_answers_ping(tmp_path: Path) -> None:
-    demo = Demo(tmp_path / "demo", 2, realtime=False, seconds=5)
+    # Real time, so that audio keeps flowing and the recorder applies a PCI pause at the audio
+    # captured when it was asked for; the test stops the demo as soon as it has its answers.
+    demo = Demo(tmp_path / "demo", 2, realtime=True, seconds=300)
     try:
         home = demo.central_home
         deadline = time.monotonic() + 90
@@ -45,5 +47,24 @@ def test_demo_box_is_online_with_fresh_telemetry_and_answers_ping(tmp_path: Path
         assert {ln["line"] for ln in tel["lines"]} == {"L1", "L2"}
         assert all(isinstance(ln["noise_floor_db"], float) for ln in tel["lines"])
         assert tel["outbox"] and tel["disk"]["total_bytes"] > 0
+
+        def paused(line: str) -> bool | None:
+            shown = fleet(home, "show", DEVICE_ID, "--json")
+            lines = json.loads(shown.stdout)["telemetry"]["lines"]
+            return next((ln["paused"] for ln in lines if ln["line"] == line), None)
+
+        assert paused("L1") is False
+        pause = fleet(home, "cmd", DEVICE_ID, "pci-pause", "line=L1")
+        assert pause.returncode == 0, pause.stdout
+        deadline = time.monotonic() + 60
+        while not paused("L1"):  # the recorder took the request, telemetry says so
+            assert time.monotonic() < deadline, "line L1 never paused"
+            time.sleep(1)
+        assert paused("L2") is False
+        resume = fleet(home, "cmd", DEVICE_ID, "pci-resume", "line=L1")
+        assert resume.returncode == 0, resume.stdout
+        while paused("L1"):
+            assert time.monotonic() < deadline, "line L1 never resumed"
+            time.sleep(1)
     finally:
         demo.stop()
