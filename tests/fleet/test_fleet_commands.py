@@ -223,3 +223,23 @@ def test_restart_and_reboot_go_through_systemd(central: Callable[..., tuple[int,
     _wait(lambda: calls.exists() and len(calls.read_text().splitlines()) == 2, "both calls")
     assert calls.read_text().splitlines() == ["--no-block restart appliance.target",
                                               "--no-block reboot"]
+
+
+def test_fleet_bad_usage_is_one_line_exit_2(central: Callable[..., tuple[int, str, str]],
+                                            box: Box) -> None:
+    cases = [
+        (("cmd", "box-a", "ping", "oops"), "must be KEY=VALUE"),
+        (("cmd", "planet:mars", "ping"), "expected a device id, site:NAME, tag:NAME or all"),
+        (("cmd", "box-a", "ping", "--timeout", "0"), "--timeout 0"),
+        (("cmd", "bad/id", "ping"), "device id 'bad/id' is invalid"),
+        (("config", "box-a", "--set", "novalue"), "must be KEY=VALUE"),
+        (("config", "box-a", "--set", "a..b=1"), "must be dotted words"),
+        (("config", "tag:none", "--set", "fleet.telemetry_interval_s=5"), "names no box"),
+        (("events", "--limit", "0"), "--limit 0"),
+        (("revoke", "never-enrolled"), "is not enrolled"),
+    ]
+    for argv, expected in cases:
+        code, out, err = central(*argv)
+        assert code == 2, (argv, out, err)
+        assert expected in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
