@@ -105,6 +105,7 @@ class FleetAgent:
         self._after: list[Callable[[], None]] = []
         self.started = time.monotonic()
         self.link_state: Callable[[], str] | None = None  # set by the uplink that carries us
+        self._status_dirty = False  # the config version changed: the birth should say so
         self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0}
 
     # -- wiring with the uplink --------------------------------------------------------------
@@ -117,6 +118,12 @@ class FleetAgent:
 
     def config_version(self) -> int:
         return self.config.version
+
+    def take_status_dirty(self) -> bool:
+        """True once after the running config version changed (the uplink then publishes a
+        fresh retained status)."""
+        dirty, self._status_dirty = self._status_dirty, False
+        return dirty
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         """paho's thread: queue only (bounded)."""
@@ -229,8 +236,10 @@ class FleetAgent:
                 except ValueError as err:
                     return done("failed", "bad-args", f"args.overrides is not JSON: {err}")
                 version = args.get("version")
+                before = self.config.version
                 report = self.config.apply(
                     overrides, version if isinstance(version, int) else self.config.version + 1)
+                self._status_dirty = self._status_dirty or self.config.version != before
                 return done("ok" if report.result in ("applied", "unchanged") else "failed",
                             "" if report.result in ("applied", "unchanged") else report.result,
                             report.reason, {"version": report.version, "result": report.result})
@@ -319,7 +328,9 @@ class FleetAgent:
         except FormatError as err:
             log.warning("fleet: ignored desired config: %s", err)
             return
+        before = self.config.version
         report = self.config.apply(desired.overrides, desired.version)
+        self._status_dirty = self._status_dirty or self.config.version != before
         client.publish(config_reported_topic(self.device_id), report.encode(), qos=1, retain=True)
 
     # -- telemetry and events ------------------------------------------------------------------

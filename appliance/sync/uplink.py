@@ -346,6 +346,11 @@ class Uplink(UplinkBase):
                     self._send(self._client)
                     if self.agent is not None:
                         self.agent.tick(self._client)
+                        if self.agent.take_status_dirty():
+                            self._client.publish(
+                                status_topic(self.device_id),
+                                self._status("online", self._session).encode(), qos=1,
+                                retain=True)
                 if now >= next_status:
                     self._housekeeping()
                     self._write_status()

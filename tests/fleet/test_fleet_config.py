@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
+from appliance.pki import ensure_pki
+from appliance.sync.broker import Broker
 from appliance.sync.fleet_config import stage_status_files, watch_stages
+from central.fleet.registry import Fleet
 
 from .conftest import Box
 
@@ -79,8 +82,9 @@ def _overrides(box: Box) -> dict[str, object]:
 
 
 def test_config_push_applied_refused_and_rolled_back(
-        supervised_box: tuple[Box, CaptureSupervisor],
+        supervised_box: tuple[Box, CaptureSupervisor], broker: Broker, fleet: Fleet,
         central: Callable[..., tuple[int, str, str]]) -> None:
+    ensure_pki(fleet.pki.dir, ["central"])  # a central certificate for the stock subscriber
     box, sup = supervised_box
     deadline = time.monotonic() + 30
     while box.uplink._link != "ready":
@@ -95,6 +99,21 @@ def test_config_push_applied_refused_and_rolled_back(
     assert _overrides(box)["version"] == 1
     assert load_config(sup.config).fleet.telemetry_interval_s == 2.0  # stages see it
     assert box.agent.config_version() == 1
+    # The retained birth now names the running config version (published right after the
+    # report, so a reader may briefly still get the previous one).
+    deadline = time.monotonic() + 30
+    while True:
+        status = subprocess.run(
+            ["mosquitto_sub", "-V", "5", "-h", broker.host, "-p", str(broker.port), "--cafile",
+             str(fleet.pki.ca_cert), "--cert", str(fleet.pki.client_cert("central")), "--key",
+             str(fleet.pki.client_key("central")), "-t", "rec/v1/box-a/status", "-C", "1",
+             "-W", "10"], capture_output=True, text=True, timeout=60, check=False)
+        birth = json.loads(status.stdout)
+        if birth["config_version"] == 1:
+            break
+        assert time.monotonic() < deadline, birth
+        time.sleep(0.2)
+    assert birth["state"] == "online"
     starts = sup.starts
 
     code, out, err = central("config", "box-a", "--set", "recorder.threshold_db=1000", "--json")
