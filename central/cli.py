@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import numpy as np
 import soundfile as sf
 
+from central.fleet import cli as fleet_cli
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -452,6 +454,7 @@ COMMANDS = {
     "export": cmd_export,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
+    "fleet": fleet_cli.cmd_fleet,
 }
 
 

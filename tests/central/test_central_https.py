@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pki import Pki, ensure_pki
 from central.home import Home
 from central.https import common_name_from_dn
 from central.store import Store
+from linerec_contract.pki import Pki, ensure_pki
 from linerec_contract.protocol import Ack
 from linerec_contract.segment import encode_wire
 

@@ -29,10 +29,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.pki import Pki, ensure_pki
 from appliance.sync.broker import Broker
 from central.home import Home, init_home
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import Pki, ensure_pki
 from linerec_contract.protocol import Ack, ack_topic, segment_topic
 from linerec_contract.segment import encode_wire
 
