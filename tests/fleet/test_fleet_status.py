@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import locks
 from appliance.sync.broker import Broker
 from appliance.sync.uplink_base import boot_id
 from central.fleet.link import BrokerAddress, operator_tls
@@ -109,16 +110,21 @@ def test_alarms_raised_and_cleared_become_events(
             {"line": "L1", "in_call": False, "level_db": -70.0, "noise_floor_db": -72.0}],
             "alarms": alarms})
 
-    recorder_status([])
-    _wait(lambda: any(ln.get("line") == "L1" for ln in
-                      (service.store.telemetry("box-a") or {}).get("lines", [])),
-          "line L1 in telemetry")
-    recorder_status([alarm])
-    _wait(lambda: any(e["kind"] == "alarm-raised" and e.get("alarm") == "line-silent"
-                      for e in service.store.events("box-a")), "alarm raised")
-    recorder_status([])
-    _wait(lambda: any(e["kind"] == "alarm-cleared" and e.get("alarm") == "line-silent"
-                      for e in service.store.events("box-a")), "alarm cleared")
+    # The recorder stands in by its status file and its lock (a stage runs when it holds both).
+    locks.acquire(box.cfg.state_dir, "recorder", "recorder")
+    try:
+        recorder_status([])
+        _wait(lambda: any(ln.get("line") == "L1" for ln in
+                          (service.store.telemetry("box-a") or {}).get("lines", [])),
+              "line L1 in telemetry")
+        recorder_status([alarm])
+        _wait(lambda: any(e["kind"] == "alarm-raised" and e.get("alarm") == "line-silent"
+                          for e in service.store.events("box-a")), "alarm raised")
+        recorder_status([])
+        _wait(lambda: any(e["kind"] == "alarm-cleared" and e.get("alarm") == "line-silent"
+                          for e in service.store.events("box-a")), "alarm cleared")
+    finally:
+        locks.release("recorder")
     code, out, _ = central("events", "--device", "box-a")
     assert code == 0 and "alarm-raised" in out and "alarm-cleared" in out
     tel = service.store.telemetry("box-a") or {}
