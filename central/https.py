@@ -24,7 +24,8 @@ stored, indexed, and only then answered with the same Ack JSON. A PUT is idempot
 segment again answers ``duplicate``.
 
 Status codes: 200 ``stored``/``duplicate``; 422 ``rejected`` (Ack in the body, quarantined);
-400 bad request; 403 wrong device, no verified certificate or a box not enrolled; 404 unknown path; 405 method;
+400 bad request; 403 wrong device, no verified certificate or a box not enrolled; 404 unknown
+path; 405 method;
 411/413 missing or oversize length; 429 too many requests from one box (proxy); 503 central
 cannot take it right now (``Retry-After``; nothing was acknowledged).
 
