@@ -9,8 +9,9 @@ the mark signal, then parsed as a message: type (0x04 SDMF, 0x80 MDMF call setup
 body, checksum (all bytes sum to 0 mod 256). MDMF parameters: 0x01 date and time (MMDDhhmm),
 0x02 number, 0x04 reason for no number, 0x07 name, 0x08 reason for no name.
 
-DTMF caller ID (ETSI ES 200 778-1 annex B, used in several countries): ``A`` or ``D`` then the
-number, ended by ``C`` (or ``#``), sent before the first ring; see :class:`DtmfCallerId`.
+DTMF caller ID (ETSI EN 300 659-1 / ES 200 778-1 annex B and national variants): ``A``, ``B``
+or ``D`` then the number or a withheld code, ended by ``C`` (or ``#``), sent before the first
+ring or right after it; see :class:`DtmfCallerId`.
 
 Everything here is numpy over the whole burst; Python loops run over characters only.
 """
@@ -317,42 +318,97 @@ class FskCallerIdReceiver:
         return rx
 
 
-class DtmfCallerId:
-    """DTMF caller ID: ``A``/``D`` + digits + ``C``/``#`` while the line is idle."""
+Held = tuple[str, int, int]
+"""A digit held back while a DTMF caller-ID message may be in progress: (digit, start, end)."""
 
-    MAX_GAP_FRAMES_S = 1.0
+
+class DtmfCallerId:
+    """DTMF caller ID (ETSI EN 300 659-1 / ES 200 778-1 annex B and national variants).
+
+    A message is a start digit, then digits, then a stop digit ``C`` (or ``#``):
+
+    - ``A`` + number (most countries), ``B`` + number (variants that mark the number with B),
+      ``D`` + number (variants that start with D, e.g. the Netherlands and Taiwan);
+    - ``D`` + a code of one or two digits: the number is withheld (``1``/``10`` private,
+      ``0``/``00``/``01`` unavailable);
+    - several fields in one message (``A<number>D<code>C``, ``B<redirecting>A<number>C``): the
+      ``A`` field is the number, else the first ``B``/``D`` number.
+
+    Digits from a start digit on are *held*: they are not dialled digits unless the message
+    fails (a gap of more than ``MAX_GAP_S`` between digits, a start digit that never reaches a
+    stop digit, no number and no code, more than ``MAX_DIGITS`` digits); then they are
+    *released* in order, with their own frames. Which digits are caller ID therefore depends on
+    the digits and their frames only, not on call state or on how the audio was cut: a message
+    sent before the first ring or in the first seconds of an inbound call goes to caller ID.
+    """
+
+    MAX_GAP_S = 1.0
+    MAX_DIGITS = 24
 
     def __init__(self, rate: int = 8000) -> None:
         self.rate = rate
-        self.digits = ""
-        self.start = 0
-        self.last = 0
+        self.held: list[Held] = []
+
+    @property
+    def last(self) -> int:
+        return self.held[-1][2] if self.held else 0
 
     def feed(self, digit: str, start: int, end: int) -> CallerId | None:
-        if self.digits and start - self.last > self.MAX_GAP_FRAMES_S * self.rate:
-            self.digits = ""
-        self.last = end
-        if digit in "AD":
-            self.digits, self.start = digit, start
-            return None
-        if not self.digits:
-            return None
+        """The caller ID that ``digit`` completes, if any (released digits are dropped)."""
+        cid, _ = self.feed_digit(digit, start, end)
+        return cid
+
+    def feed_digit(self, digit: str, start: int, end: int) -> tuple[CallerId | None, list[Held]]:
+        """(caller ID completed by this digit, digits that turned out to be dialled digits)."""
+        released = self.expire(start)
+        if not self.held:
+            if digit in "ABD":
+                self.held = [(digit, start, end)]
+                return None, released
+            return None, [*released, (digit, start, end)]
+        self.held.append((digit, start, end))
         if digit in "C#":
-            number, kind = self.digits[1:], self.digits[0]
-            self.digits = ""
-            if not number:
-                return None
-            if kind == "D":  # D + code: number withheld (ES 200 778-1: 00 unavailable, 10 private)
-                return CallerId(frame=self.start, source="dtmf",
-                                absent="P" if number.startswith("1") else "O")
-            return CallerId(frame=self.start, source="dtmf", number=number)
-        self.digits += digit
-        if len(self.digits) > 24:
-            self.digits = ""
+            msg, self.held = self.held, []
+            cid = self._parse(msg)
+            if cid is None:
+                return None, released + msg
+            return cid, released
+        if len(self.held) > self.MAX_DIGITS:
+            released += self.held
+            self.held = []
+        return None, released
+
+    def expire(self, now: int) -> list[Held]:
+        """Held digits whose message can no longer complete at frame ``now``."""
+        if self.held and now - self.last > self.MAX_GAP_S * self.rate:
+            out, self.held = self.held, []
+            return out
+        return []
+
+    def _parse(self, msg: list[Held]) -> CallerId | None:
+        fields: list[tuple[str, str]] = []
+        for d, _, _ in msg[:-1]:
+            if d in "ABD":
+                fields.append((d, ""))
+            elif d in "0123456789*" and fields:
+                fields[-1] = (fields[-1][0], fields[-1][1] + d)
+            else:
+                return None  # a C or # inside, or a digit no caller ID uses
+        frame = msg[0][1]
+        numbers = {k: v for k, v in reversed(fields) if v and (k != "D" or len(v) > 2)}
+        number = numbers.get("A") or numbers.get("B") or numbers.get("D")
+        codes = [v for k, v in fields if k == "D" and 0 < len(v) <= 2]
+        if number is not None:
+            return CallerId(frame=frame, source="dtmf", number=number)
+        if codes:
+            return CallerId(frame=frame, source="dtmf", absent="P" if codes[0].startswith("1") else "O")
         return None
 
     def to_state(self) -> list[Any]:
-        return [self.digits, self.start, self.last]
+        return [[d, s, e] for d, s, e in self.held]
 
     def restore(self, st: list[Any]) -> None:
-        self.digits, self.start, self.last = str(st[0]), int(st[1]), int(st[2])
+        if st and not isinstance(st[0], list):  # an older checkpoint: [digits, start, last]
+            self.held = []
+            return
+        self.held = [(str(d), int(s), int(e)) for d, s, e in st]

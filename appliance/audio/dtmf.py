@@ -155,6 +155,10 @@ class DtmfEvent:
     end: int
     quiet_dbfs: float = -120.0
     """Level of the quietest 20 ms window before the digit (for comfort noise)."""
+    decided: int = 0
+    """The first frame by which the receiver can know the digit is over (``end`` plus the
+    pairs it waits for): until then a streaming receiver still counts it as sounding. A mask
+    that runs to ``max(end, decided)`` is the same whatever the block sizes were."""
 
 
 class DtmfDetector:
@@ -229,7 +233,7 @@ class DtmfDetector:
         """End an active digit (at a gap or the end of input)."""
         if self._active < 0:
             return []
-        ev = self._event(self._active_last)
+        ev = self._event(self._active_last, decided=self._next)
         self._active = -1
         self._run_digit, self._run_len = -1, 0
         return [ev]
@@ -238,9 +242,14 @@ class DtmfDetector:
         assert self._origin is not None
         return self._origin + pair * self._hop
 
-    def _event(self, last_pair: int) -> DtmfEvent:
+    def _event(self, last_pair: int, *, decided_pair: int | None = None,
+               decided: int | None = None) -> DtmfEvent:
         end = self._frame(last_pair + 1) + self._n
-        return DtmfEvent(DIGITS_BY_INDEX[self._active], self._active_start, end, self.quiet_dbfs)
+        if decided_pair is not None:
+            # Pair p needs the hops up to p + WINDOW_HOPS: its result exists from that frame on.
+            decided = self._frame(decided_pair + WINDOW_HOPS + 1)
+        return DtmfEvent(DIGITS_BY_INDEX[self._active], self._active_start, end, self.quiet_dbfs,
+                         max(end, decided or end))
 
     def _pairs(self, first_hop: int, hops: np.ndarray) -> list[DtmfEvent]:
         rate, hop = self.cfg.rate, self._hop
@@ -320,7 +329,10 @@ class DtmfDetector:
             if d < 0:
                 self._run_quiet = min(self._run_quiet, q)
             if self._active >= 0 and d != self._active and p1 - 1 - self._active_last >= off:
-                events.append(self._event(self._active_last))
+                decided = self._active_last + off
+                if d >= 0 and self._run_len >= on:  # another digit may have taken over first
+                    decided = min(decided, self._run_first + on - 1)
+                events.append(self._event(self._active_last, decided_pair=decided))
                 self._active = -1
             if d < 0:
                 continue
@@ -328,7 +340,8 @@ class DtmfDetector:
                 self._active_last = p1 - 1
             elif self._run_len >= on:
                 if self._active >= 0:
-                    events.append(self._event(self._active_last))
+                    events.append(self._event(self._active_last,
+                                              decided_pair=self._run_first + on - 1))
                 self._active = d
                 self._active_start = self._frame(self._run_first)
                 self._active_last = p1 - 1

@@ -355,8 +355,7 @@ class Recorder:
         cut at the frames where a tone ends a call, and the masked audio into the spool."""
         end = start + len(block)
         line.poll_pause_requests(self.cfg.state_dir, stream.anchor, stream.rate, start, end)
-        opened = line.call  # events of this block go to it; a call started here took its own
-        an = line.analyzer.process(start, block, in_call=opened is not None)
+        an = line.analyzer.process(start, block)
         if line.call is not None and line.spool is not None:
             for sp in an.backfill:
                 a = max(sp.start, line.call.part_start_frame)
@@ -369,7 +368,7 @@ class Recorder:
             frame = min(max(frame, a), end)
             if frame > a:
                 self._detect(stream, line, a, block[a - start:frame - start],
-                             masked[a - start:frame - start], seq, an, opened)
+                             masked[a - start:frame - start], seq, an, (start, block))
                 a = frame
             ev: DetectorEvent | None = None
             if action == "end_call":
@@ -378,17 +377,34 @@ class Recorder:
                     line.detector.voice_start >= tone_start - line.setup.detector.frame_len:
                 ev = line.detector.force_end(frame, tone_start)
             if ev is not None and line.call is not None and line.spool is not None:
-                self._end_call(line, ev, frame, an, opened)
-        if line.call is not None and line.call is opened:
-            for e in an.events:
-                line.call.add(e)
+                self._end_call(line, ev, frame, an)
+        self._take_events(line, an, end)
         line.health.measure(block)
         in_call = None if line.call is None else end - line.call.call_start_frame
         for alarm in line.health.check_alarms(in_call, stream.wall_ns(end)):
             self._alarm(alarm.pop("kind"), line=line.line, **alarm)
 
+    def _take_events(self, line: LineState, an: Analysis, upto: int) -> None:
+        """The open call takes this block's events from before frame ``upto``: those from its
+        first frame on, and caller ID and tones from the window before it (ringing). Events
+        are taken by their frames before the audio they describe is spooled or cut, so a call
+        holds the same events however the audio was cut into blocks."""
+        call = line.call
+        if call is None:
+            return
+        window = round(INBOUND_WINDOW_S * self._rate_of(line))
+        for i, e in enumerate(an.events):
+            if e["frame"] < upto and (call.call_id, i) not in an.taken:
+                an.taken.add((call.call_id, i))
+                if e["frame"] >= call.call_start_frame or (
+                        e["kind"] in ("callerid", "tone") and e["frame"] >= call.call_start_frame - window):
+                    call.add(e)
+
     def _detect(self, stream: StreamState, line: LineState, start: int, raw: np.ndarray,
-                block: np.ndarray, seq: int | None, an: Analysis, opened: OpenCall | None) -> None:
+                block: np.ndarray, seq: int | None, an: Analysis,
+                whole: tuple[int, np.ndarray]) -> None:
+        """Call detection on ``raw`` (frames from ``start``), a piece of the line's ``whole``
+        block (its first frame and raw audio; ``seq`` is its first record)."""
         events = line.detector.process(start, raw)
         end = start + len(block)
         pos = start
@@ -397,26 +413,25 @@ class Recorder:
                 if not self.outbox.accepting_new_calls():
                     self._refuse_call(stream, line, ev.frame)
                     continue
-                self._start_call(stream, line, ev.frame, start, seq)
+                self._start_call(stream, line, ev.frame, start, seq, an, whole)
                 pos = max(ev.frame, start)
             elif line.call is not None and line.spool is not None:
                 if ev.frame > pos:
+                    self._take_events(line, an, ev.frame)
                     self._append(line, block[pos - start:ev.frame - start])
-                self._end_call(line, ev, pos, an, opened)
+                self._end_call(line, ev, pos, an)
                 pos = end
         if line.call is not None:
+            self._take_events(line, an, end)
             self._append(line, block[pos - start:])
 
-    def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis,
-                  opened: OpenCall | None) -> None:
+    def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis) -> None:
         assert line.call is not None and line.spool is not None
         if ev.frame <= pos:
             line.spool.truncate(max(ev.frame - line.call.part_start_frame, 0))
         if ev.kind == "call_end":
-            if line.call is opened:
-                for e in an.events:
-                    if e["frame"] < ev.frame:
-                        line.call.add(e)
+            self._take_events(line, an, ev.frame)
+            line.call.drop_from(ev.frame)
             self._close_call(line, ev.frame)
         else:
             line.analyzer.end_pause(ev.frame)
@@ -449,8 +464,14 @@ class Recorder:
         self.unrecorded.append(note)
 
     def _start_call(self, stream: StreamState, line: LineState, first: int, block_start: int,
-                    seq: int | None) -> None:
-        history, first = self._history(stream, line.channel, first, block_start, seq)
+                    seq: int | None, an: Analysis, whole: tuple[int, np.ndarray]) -> None:
+        # Pre-roll: from the journal before the whole block, then the block up to this piece.
+        whole_start, whole_raw = whole
+        history, first = self._history(stream, line.channel, first, whole_start, seq)
+        if block_start > whole_start:
+            lo = max(first, whole_start)
+            history = np.concatenate((history, whole_raw[lo - whole_start:block_start - whole_start]))
+            first = min(first, lo)
         digest = hashlib.sha256(
             f"{self.cfg.device.id}|{stream.section.name}|{line.line}|{first}".encode()
         ).hexdigest()[:6]
@@ -460,9 +481,10 @@ class Recorder:
         line.spool = self._new_spool(line.line)
         line.spool.append(line.analyzer.mask(history, first))
         window = round(INBOUND_WINDOW_S * stream.rate)
+        this_block = {id(e) for e in an.events}  # taken by their frames as the audio is spooled
         for e in line.analyzer.recent:
             early_ok = e["kind"] in ("callerid", "tone") and e["frame"] >= first - window
-            if e["frame"] >= first or early_ok:
+            if id(e) not in this_block and (e["frame"] >= first or early_ok):
                 line.call.add(e)
         if line.analyzer.paused_since is not None and line.analyzer.paused_since < first:
             line.analyzer.paused_since = first
