@@ -174,6 +174,9 @@ class RecorderLine(_Section):
 
 class RecorderSection(_LineSettings):
     commit_interval_s: Annotated[float, Field(ge=0.1, le=10.0, description="state checkpoint")] = 1.0
+    read_interval_s: Annotated[
+        float, Field(ge=0.02, le=5.0, description="journal reads when caught up")
+    ] = 1.0
     line: list[RecorderLine] = Field(default_factory=list, description="per-line overrides")
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ Everything here is numpy over the whole burst; Python loops run over characters 
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,7 @@ def _boxcar(x: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def _lowpass_taps(rate: int) -> FloatArray:
     """Windowed-sinc low-pass, cut-off 1000 Hz: passes the +-500 Hz baseband, stops the image
     at -2900 Hz (and, with the boxcar that follows, the carrier's double frequency)."""
@@ -122,6 +124,7 @@ def _lowpass_taps(rate: int) -> FloatArray:
     n = np.arange(taps) - (taps - 1) / 2.0
     h = np.sinc(2.0 * 1000.0 / rate * n) * np.hamming(taps)
     out: FloatArray = h / h.sum()
+    out.flags.writeable = False  # shared by every call (cached)
     return out
 
 

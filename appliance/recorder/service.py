@@ -646,15 +646,22 @@ class Recorder:
 
     def run(self, stop: threading.Event, status_path: Path | None = None) -> None:
         try:
+            interval = self.cfg.recorder.read_interval_s
+            next_read = time.monotonic()
             while not stop.is_set():
                 handled = self.step()
-                self.caught_up = handled == 0
                 now = time.monotonic()
+                # Behind (a batch was full): read on at once. Otherwise wait for the next read:
+                # a recorder needs no low latency, and a second of audio per read costs a
+                # fraction of what fifty 20 ms reads cost.
+                behind = handled >= MAX_BATCH
+                self.caught_up = not behind
                 if status_path is not None and now - self._last_status >= 0.5:
                     write_status(status_path, self.status())
                     self._last_status = now
-                if not handled:
-                    stop.wait(0.02)
+                next_read = max(next_read + interval, now) if not behind else now
+                if not behind:
+                    stop.wait(max(next_read - now, 0.0))
         finally:
             self.checkpoint()
             if status_path is not None:
