@@ -55,8 +55,10 @@ class CaptureSection(_Section):
     channels: Annotated[int, Field(ge=0, le=64, description="0 = every channel of the device")] = 0
     rate: Annotated[int, Field(ge=0, le=192000, description="device rate; 0 = device default")] = 0
     sample_format: SampleFormatName = "auto"
-    period_ms: Annotated[int, Field(ge=5, le=200)] = 20
-    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 200
+    # A recorder needs no low latency: 100 ms periods wake capture 10 times a second, and the
+    # 500 ms buffer leaves 4 periods of slack under load.
+    period_ms: Annotated[int, Field(ge=5, le=200)] = 100
+    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 500
     storage_rate: Literal[8000, 16000] = 8000
     lines: list[LineMap] = Field(default_factory=list, description="channel -> line id map")
     wav_path: Path | None = Field(None, description="file for source = 'wav'")

@@ -119,7 +119,7 @@ def sample(pids: dict[str, int]) -> dict[str, float]:
 
 
 def write_config(folder: Path, wav: Path, lines: int, seconds: float, codec: str,
-                 part_s: float) -> Path:
+                 part_s: float, period_ms: int) -> Path:
     _, recipient = generate_age_identity()
     DeviceKey.load_or_create(folder / "state" / "keys" / "device.key")
     cfg = folder / "appliance.toml"
@@ -133,6 +133,7 @@ source = "wav"
 wav_path = "{wav}"
 realtime = true
 rt_priority = 0
+{f"period_ms = {period_ms}" if period_ms else ""}
 [ring]
 size_mb = {max(16, int(lines * seconds * RATE * 2 * 1.2 / 2**20) + 8)}
 [recorder]
@@ -147,13 +148,13 @@ transport = "none"
 
 
 def run_paced(audio: np.ndarray, warmup: float, seconds: float, codec: str,
-              part_s: float) -> dict[str, Any]:
+              part_s: float, period_ms: int = 0) -> dict[str, Any]:
     lines = audio.shape[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         wav = folder / "lines.wav"
         soundfile.write(wav, audio, RATE, subtype="PCM_16")
-        cfg = write_config(folder, wav, lines, audio.shape[0] / RATE, codec, part_s)
+        cfg = write_config(folder, wav, lines, audio.shape[0] / RATE, codec, part_s, period_ms)
         sup = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(cfg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -202,6 +203,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--codec", choices=("flac", "opus"), default="flac")
     ap.add_argument("--part-s", type=float, default=10.0, help="recorder.max_segment_s")
+    ap.add_argument("--period-ms", type=int, default=0,
+                    help="capture.period_ms (default: the configuration's default)")
     ap.add_argument("--unpaced-seconds", type=float, default=60.0,
                     help="audio length of the unpaced pipeline reference")
     ap.add_argument("--json", action="store_true")
@@ -212,10 +215,11 @@ def main() -> int:
     length = args.warmup + args.seconds + 10.0
     load_before = loadavg()
     result: dict[str, Any] = {"lines": args.lines, "codec": args.codec, "part_s": args.part_s,
-                              "warmup_s": args.warmup}
+                              "warmup_s": args.warmup, "period_ms": args.period_ms or "default"}
     for mode, render in (("idle", idle_lines), ("busy", busy_lines)):
         audio = render(args.lines, length)
-        result[mode] = run_paced(audio, args.warmup, args.seconds, args.codec, args.part_s)
+        result[mode] = run_paced(audio, args.warmup, args.seconds, args.codec, args.part_s,
+                                 args.period_ms)
     # References in the same run: the unpaced pipeline and FLAC alone on simulator lines.
     sim = LineSimulator(args.lines, RATE, seed=3, mean_idle_s=6.0, mean_call_s=30.0)
     ref_audio = sim.render(0, int(args.unpaced_seconds * RATE))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,6 +222,31 @@ def decode_burst(x: FloatArray, rate: int = 8000, frame: int = 0) -> CallerId | 
                     absent=fields.get("number_absent"), fields=fields)
 
 
+@functools.lru_cache(maxsize=4)
+def _mixer(rate: int) -> tuple[FloatArray, FloatArray]:
+    """One period of the 1700 Hz mixer (cos, sin): it repeats every rate / gcd(rate, 1700)
+    samples, so the per-sample complex exponential is a table look-up."""
+    period = rate // math.gcd(rate, round(CENTER_HZ))
+    phase = _TWO_PI * CENTER_HZ * np.arange(period) / rate
+    cos, sin = np.cos(phase), np.sin(phase)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+def _quality(x: FloatArray, rate: int) -> tuple[FloatArray, FloatArray]:
+    """The quality of :func:`_baseband` (the share of the power in the low-passed baseband)
+    and the mean-square power over the filter's length, for the burst search: real products
+    and convolutions, a mixer table, and a running sum for the power."""
+    h = _lowpass_taps(rate)
+    cos, sin = _mixer(rate)
+    reps = -(-x.size // cos.size)
+    re = np.convolve(x * np.tile(cos, reps)[: x.size], h, mode="valid")
+    im = np.convolve(x * np.tile(sin, reps)[: x.size], h, mode="valid")
+    power = _boxcar(x * x, h.size)
+    quality: FloatArray = 2.0 * (re * re + im * im) / np.maximum(power, 1e-12)
+    return quality, power
+
+
 class FskCallerIdReceiver:
     """Streaming: finds FSK bursts in a line's audio and decodes each when it ends."""
 
@@ -265,15 +291,19 @@ class FskCallerIdReceiver:
         -60 dBFS. ``good[i]`` looks at ``x[i : i + length + 2 * spb - 1]``; it is computed only
         around the hops that pass :meth:`_gate`, and is False elsewhere."""
         q_len = 2 * round(self.rate / BAUD)
-        good = np.zeros(max(0, x.size - length - q_len + 2), dtype=bool)
-        for s, e in self._gate(x, origin):
-            seg = x[s:e]
-            if seg.size <= length + q_len - 2:
-                continue
-            _, quality = _baseband(seg, self.rate, s)
-            quality = _boxcar(quality, q_len)
-            level = np.convolve(seg * seg, np.full(length, 1.0 / length), mode="valid")
-            good[s : s + quality.size] = (quality > 0.75) & (level[: quality.size] > 1e-6)
+        span = length + q_len - 2  # samples that one value of ``good`` looks at, minus one
+        good = np.zeros(max(0, x.size - span), dtype=bool)
+        stretches = [(s, e) for s, e in self._gate(x, origin) if e - s > span]
+        if not stretches:
+            return good
+        # One pass over the stretches' hull: each value depends on its own samples only, so
+        # it equals the value computed on the stretch alone; only the stretches are kept.
+        lo, hi = stretches[0][0], stretches[-1][1]
+        quality, level = _quality(x[lo:hi], self.rate)
+        quality = _boxcar(quality, q_len)
+        found = (quality > 0.75) & (level[: quality.size] > 1e-6)
+        for s, e in stretches:
+            good[s : e - span] = found[s - lo : e - span - lo]
         return good
 
     def _gate(self, x: FloatArray, origin: int) -> list[tuple[int, int]]:
@@ -288,12 +318,15 @@ class FskCallerIdReceiver:
         passed[0], passed[-1] = first > 0, tail < x.size
         if whole:
             frames = x[first:tail].reshape(whole, hop)
-            spec = np.fft.rfft(frames, axis=1)
-            lo, hi = (round(f * hop / self.rate) for f in GATE_BAND_HZ)
-            band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
-                                axis=1) / hop
             energy = np.einsum("ij,ij->i", frames, frames)
-            passed[1:-1] = (energy > GATE_MIN_POWER * hop) & (band >= GATE_BAND_SHARE * energy)
+            loud = np.flatnonzero(energy > GATE_MIN_POWER * hop)  # only these need a spectrum
+            passed[1:-1] = False
+            if loud.size:
+                spec = np.fft.rfft(frames[loud], axis=1)
+                lo, hi = (round(f * hop / self.rate) for f in GATE_BAND_HZ)
+                band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
+                                    axis=1) / hop
+                passed[1 + loud] = band >= GATE_BAND_SHARE * energy[loud]
         near = passed.copy()
         for d in range(1, GATE_MARGIN_HOPS + 1):
             near[d:] |= passed[:-d]

@@ -61,8 +61,9 @@ class LineHealth:
     def measure(self, block: np.ndarray) -> None:
         if block.size == 0:
             return
-        self.peak = max(self.peak, int(np.max(np.abs(block.astype(np.int32)))))
-        self.clipped += int(np.count_nonzero(np.abs(block.astype(np.int32)) >= CLIP_LEVEL))
+        mag = np.abs(block.astype(np.int32))
+        self.peak = max(self.peak, int(mag.max()))
+        self.clipped += int(np.count_nonzero(mag >= CLIP_LEVEL))
         x = block.astype(np.float64) / 32768.0
         n = min(x.size, self.cfg.rate)  # hum over at most one second: enough resolution
         self.dc = 0.9 * self.dc + 0.1 * float(x.mean()) if self.samples else float(x.mean())
