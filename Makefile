@@ -25,6 +25,7 @@ bench: setup
 	$(PY) bench/capture.py
 	$(PY) bench/uplink.py
 	$(PY) bench/dtmf.py
+	$(PY) bench/realtime.py --lines 16
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -55,10 +55,10 @@ class CaptureSection(_Section):
     channels: Annotated[int, Field(ge=0, le=64, description="0 = every channel of the device")] = 0
     rate: Annotated[int, Field(ge=0, le=192000, description="device rate; 0 = device default")] = 0
     sample_format: SampleFormatName = "auto"
-    # A recorder needs no low latency: 100 ms periods wake capture 10 times a second, and the
-    # 500 ms buffer leaves 4 periods of slack under load.
-    period_ms: Annotated[int, Field(ge=5, le=200)] = 100
-    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 500
+    # A recorder needs no low latency: 200 ms periods wake capture 5 times a second, and the
+    # 1 s buffer leaves 4 periods of slack under load.
+    period_ms: Annotated[int, Field(ge=5, le=200)] = 200
+    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 1000
     storage_rate: Literal[8000, 16000] = 8000
     lines: list[LineMap] = Field(default_factory=list, description="channel -> line id map")
     wav_path: Path | None = Field(None, description="file for source = 'wav'")
@@ -180,7 +180,7 @@ class RecorderSection(_LineSettings):
     commit_interval_s: Annotated[float, Field(ge=0.1, le=10.0, description="state checkpoint")] = 5.0
     read_interval_s: Annotated[
         float, Field(ge=0.02, le=5.0, description="journal reads when caught up")
-    ] = 1.0
+    ] = 2.0
     line: list[RecorderLine] = Field(default_factory=list, description="per-line overrides")
 
     @model_validator(mode="after")

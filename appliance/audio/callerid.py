@@ -48,6 +48,9 @@ GATE_MIN_POWER = 1e-5
 """...and its power is above -50 dBFS: 20 dB below the quietest burst to decode (-30 dBFS), and
 above idle line noise."""
 GATE_MARGIN_HOPS = 2
+GATE_MIN_RUN_HOPS = 4
+"""Shortest run of hops passing the band test that is searched for a burst (a burst of
+MIN_BURST_S spans at least 9 whole hops)."""
 """Hops looked at on each side of a hop that passed (the finder's window is 44 samples)."""
 STATE_VERSION = 1
 _TWO_PI = 2.0 * np.pi
@@ -327,6 +330,13 @@ class FskCallerIdReceiver:
                 band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
                                     axis=1) / hop
                 passed[1 + loud] = band >= GATE_BAND_SHARE * energy[loud]
+            # A burst lasts MIN_BURST_S (10 hops) with nearly all its power in the band: a run
+            # of fewer than GATE_MIN_RUN_HOPS passing hops inside the buffer cannot be one
+            # (speech passes the band test now and then, for a hop or two).
+            runs = np.flatnonzero(np.diff(np.concatenate(([0], passed.astype(np.int8), [0]))))
+            for a, b in runs.reshape(-1, 2).tolist():
+                if b - a < GATE_MIN_RUN_HOPS and a > 1 and b < passed.size - 1:
+                    passed[a:b] = False
         near = passed.copy()
         for d in range(1, GATE_MARGIN_HOPS + 1):
             near[d:] |= passed[:-d]
@@ -426,7 +436,7 @@ class DtmfCallerId:
         for d, _, _ in msg[:-1]:
             if d in "ABD":
                 fields.append((d, ""))
-            elif d in "0123456789*" and fields:
+            elif d in "0123456789" and fields:
                 fields[-1] = (fields[-1][0], fields[-1][1] + d)
             else:
                 return None  # a C or # inside, or a digit no caller ID uses
