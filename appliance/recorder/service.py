@@ -394,7 +394,7 @@ class Recorder:
         call = line.call
         if call is None:
             return
-        window = round(INBOUND_WINDOW_S * self._rate_of(line))
+        window = round(INBOUND_WINDOW_S * line.setup.analyzer.rate)
         for i, e in enumerate(an.events):
             if e["frame"] < upto and (call.call_id, i) not in an.taken:
                 an.taken.add((call.call_id, i))
