@@ -573,6 +573,7 @@ class Recorder:
         pending, self._pending = self._pending, []
         prepared: list[int] = []
         next_key = self._rotation_candidate()
+        signing = self.key
         # Segments the outbox had to drop, and calls it made us skip, are announced in the
         # first manifest sealed from now on: central sees every loss in the chain.
         announce = self.outbox.pending_losses() + list(self.unrecorded)
@@ -596,14 +597,16 @@ class Recorder:
                              start_wall_ns=stream.wall_ns(start), rate=stream.rate, pcm=pcm,
                              sensitive=sensitive, gaps=gaps),
                 device_id=self.cfg.device.id, seq=self.next_seq,
-                prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=self.key,
+                prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=signing,
                 codec=self.cfg.seal.codec, opus_bitrate=self.cfg.seal.opus_bitrate,
                 next_key=next_key,
             )
             if next_key is not None:
                 # The old key signs the announcement of the new one: the chain stays verifiable.
                 self.rotation = {"key_id": next_key.key_id, "seq": seg.seq}
-                next_key = None
+                # Segments sealed with it in this batch follow the announcement: the new key
+                # signs them (they are committed, or discarded, together with it).
+                signing, next_key = next_key, None
             # Phase 1: the sealed segment is durable but not yet visible to the uplink.
             self.outbox.prepare(seg.seq, encode_wire(seg), seg.payload_sha256)
             prepared.append(seg.seq)
