@@ -170,6 +170,7 @@ def run_paced(audio: np.ndarray, warmup: float, seconds: float, codec: str,
             time.sleep(seconds)
             t1, c1 = time.monotonic(), sample(pids)
             status = json.loads((folder / "state" / "run" / "recorder.json").read_text())
+            capture = json.loads((folder / "state" / "run" / "capture-main.json").read_text())
         finally:
             sup.send_signal(signal.SIGTERM)
             try:
@@ -190,7 +191,9 @@ def run_paced(audio: np.ndarray, warmup: float, seconds: float, codec: str,
         "pct_of_one_core": round(100.0 * total / wall, 2),
         "channel_s_per_cpu_s": round(channel_s / max(total, 1e-9), 1),
         "lines_in_call_at_end": sum(1 for ln in status["lines"] if ln["in_call"]),
-        "recorder_caught_up": bool(status.get("caught_up")),
+        # Records the recorder had still to read (capture writes its status every second and
+        # the recorder reads every read_interval_s, so a few dozen are normal).
+        "recorder_lag_records": int(capture["records"]) - int(status["cursors"]["main"]),
         "segments_sealed": sealed,
     }
 

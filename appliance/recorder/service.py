@@ -660,7 +660,7 @@ class Recorder:
                 # a recorder needs no low latency, and a second of audio per read costs a
                 # fraction of what fifty 20 ms reads cost.
                 behind = handled >= MAX_BATCH
-                self.caught_up = not behind
+                self.caught_up = handled == 0  # the journal held nothing new at this read
                 if status_path is not None and now - self._last_status >= 0.5:
                     write_status(status_path, self.status())
                     self._last_status = now
