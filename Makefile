@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/intake.py
 	$(PY) bench/dtmf.py
 	$(PY) bench/central_intake.py
+	$(PY) bench/realtime.py --lines 16
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

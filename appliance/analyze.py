@@ -76,7 +76,7 @@ def analyze_line(cfg: Config, line_id: str, channel: int, x: np.ndarray, rate: i
 
     for start in range(0, x.shape[0], step):
         block = np.ascontiguousarray(x[start:start + step])
-        an = ln.analyzer.process(start, block, in_call=call_start is not None)
+        an = ln.analyzer.process(start, block)
         a = start
         end = start + block.shape[0]
         for frame, action, tone_start in [*an.controls, (end, "", 0)]:
@@ -92,9 +92,7 @@ def analyze_line(cfg: Config, line_id: str, channel: int, x: np.ndarray, rate: i
                     on_event(forced)
         rep.events.extend(an.events)
         ln.health.measure(block)
-    tail = ln.analyzer.dtmf.flush()
-    rep.events.extend({"kind": "dtmf", "digit": e.digit, "frame": e.start, "end": e.end}
-                      for e in tail if not setup.analyzer.masking)
+    rep.events.extend(ln.analyzer.finish(x.shape[0]))
     ln.analyzer.end_pause(x.shape[0])
     if call_start is not None:
         rep.calls.append({"line": line_id, "start_s": round(call_start / rate, 3),

@@ -56,8 +56,10 @@ class CaptureSection(_Section):
     channels: Annotated[int, Field(ge=0, le=64, description="0 = every channel of the device")] = 0
     rate: Annotated[int, Field(ge=0, le=192000, description="device rate; 0 = device default")] = 0
     sample_format: SampleFormatName = "auto"
-    period_ms: Annotated[int, Field(ge=5, le=200)] = 20
-    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 200
+    # A recorder needs no low latency: 200 ms periods wake capture 5 times a second, and the
+    # 1 s buffer leaves 4 periods of slack under load.
+    period_ms: Annotated[int, Field(ge=5, le=200)] = 200
+    buffer_ms: Annotated[int, Field(ge=20, le=2000)] = 1000
     storage_rate: Literal[8000, 16000] = 8000
     lines: list[LineMap] = Field(default_factory=list, description="channel -> line id map")
     wav_path: Path | None = Field(None, description="file for source = 'wav'")
@@ -174,7 +176,12 @@ class RecorderLine(_Section):
 
 
 class RecorderSection(_LineSettings):
-    commit_interval_s: Annotated[float, Field(ge=0.1, le=10.0, description="state checkpoint")] = 1.0
+    # The checkpoint bounds how much journal a restarted recorder reads again, not what is
+    # kept (the journal holds the audio): every 5 s, not every second, halves its CPU cost.
+    commit_interval_s: Annotated[float, Field(ge=0.1, le=10.0, description="state checkpoint")] = 5.0
+    read_interval_s: Annotated[
+        float, Field(ge=0.02, le=5.0, description="journal reads when caught up")
+    ] = 2.0
     line: list[RecorderLine] = Field(default_factory=list, description="per-line overrides")
 
     @model_validator(mode="after")

@@ -73,7 +73,7 @@ class LineView:
 
     def feed(self, start: int, x: npt.NDArray[np.int16], now: float) -> None:
         x = np.ascontiguousarray(x)
-        an = self.state.analyzer.process(start, x, in_call=self.in_call)
+        an = self.state.analyzer.process(start, x)
         for ev in an.events:
             if ev["kind"] == "dtmf":
                 self.digits = (self.digits + str(ev["digit"]))[-DIGITS_SHOWN:]

@@ -9,8 +9,9 @@ the mark signal, then parsed as a message: type (0x04 SDMF, 0x80 MDMF call setup
 body, checksum (all bytes sum to 0 mod 256). MDMF parameters: 0x01 date and time (MMDDhhmm),
 0x02 number, 0x04 reason for no number, 0x07 name, 0x08 reason for no name.
 
-DTMF caller ID (ETSI ES 200 778-1 annex B, used in several countries): ``A`` or ``D`` then the
-number, ended by ``C`` (or ``#``), sent before the first ring; see :class:`DtmfCallerId`.
+DTMF caller ID (ETSI EN 300 659-1 / ES 200 778-1 annex B and national variants): ``A``, ``B``
+or ``D`` then the number or a withheld code, ended by ``C`` (or ``#``), sent before the first
+ring or right after it; see :class:`DtmfCallerId`.
 
 Everything here is numpy over the whole burst; Python loops run over characters only.
 """
@@ -18,6 +19,8 @@ Everything here is numpy over the whole burst; Python loops run over characters 
 from __future__ import annotations
 
 import base64
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,9 @@ GATE_MIN_POWER = 1e-5
 """...and its power is above -50 dBFS: 20 dB below the quietest burst to decode (-30 dBFS), and
 above idle line noise."""
 GATE_MARGIN_HOPS = 2
+GATE_MIN_RUN_HOPS = 4
+"""Shortest run of hops passing the band test that is searched for a burst (a burst of
+MIN_BURST_S spans at least 9 whole hops)."""
 """Hops looked at on each side of a hop that passed (the finder's window is 44 samples)."""
 STATE_VERSION = 1
 _TWO_PI = 2.0 * np.pi
@@ -114,6 +120,7 @@ def _boxcar(x: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def _lowpass_taps(rate: int) -> FloatArray:
     """Windowed-sinc low-pass, cut-off 1000 Hz: passes the +-500 Hz baseband, stops the image
     at -2900 Hz (and, with the boxcar that follows, the carrier's double frequency)."""
@@ -121,6 +128,7 @@ def _lowpass_taps(rate: int) -> FloatArray:
     n = np.arange(taps) - (taps - 1) / 2.0
     h = np.sinc(2.0 * 1000.0 / rate * n) * np.hamming(taps)
     out: FloatArray = h / h.sum()
+    out.flags.writeable = False  # shared by every call (cached)
     return out
 
 
@@ -217,6 +225,31 @@ def decode_burst(x: FloatArray, rate: int = 8000, frame: int = 0) -> CallerId | 
                     absent=fields.get("number_absent"), fields=fields)
 
 
+@functools.lru_cache(maxsize=4)
+def _mixer(rate: int) -> tuple[FloatArray, FloatArray]:
+    """One period of the 1700 Hz mixer (cos, sin): it repeats every rate / gcd(rate, 1700)
+    samples, so the per-sample complex exponential is a table look-up."""
+    period = rate // math.gcd(rate, round(CENTER_HZ))
+    phase = _TWO_PI * CENTER_HZ * np.arange(period) / rate
+    cos, sin = np.cos(phase), np.sin(phase)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+def _quality(x: FloatArray, rate: int) -> tuple[FloatArray, FloatArray]:
+    """The quality of :func:`_baseband` (the share of the power in the low-passed baseband)
+    and the mean-square power over the filter's length, for the burst search: real products
+    and convolutions, a mixer table, and a running sum for the power."""
+    h = _lowpass_taps(rate)
+    cos, sin = _mixer(rate)
+    reps = -(-x.size // cos.size)
+    re = np.convolve(x * np.tile(cos, reps)[: x.size], h, mode="valid")
+    im = np.convolve(x * np.tile(sin, reps)[: x.size], h, mode="valid")
+    power = _boxcar(x * x, h.size)
+    quality: FloatArray = 2.0 * (re * re + im * im) / np.maximum(power, 1e-12)
+    return quality, power
+
+
 class FskCallerIdReceiver:
     """Streaming: finds FSK bursts in a line's audio and decodes each when it ends."""
 
@@ -261,15 +294,19 @@ class FskCallerIdReceiver:
         -60 dBFS. ``good[i]`` looks at ``x[i : i + length + 2 * spb - 1]``; it is computed only
         around the hops that pass :meth:`_gate`, and is False elsewhere."""
         q_len = 2 * round(self.rate / BAUD)
-        good = np.zeros(max(0, x.size - length - q_len + 2), dtype=bool)
-        for s, e in self._gate(x, origin):
-            seg = x[s:e]
-            if seg.size <= length + q_len - 2:
-                continue
-            _, quality = _baseband(seg, self.rate, s)
-            quality = _boxcar(quality, q_len)
-            level = np.convolve(seg * seg, np.full(length, 1.0 / length), mode="valid")
-            good[s : s + quality.size] = (quality > 0.75) & (level[: quality.size] > 1e-6)
+        span = length + q_len - 2  # samples that one value of ``good`` looks at, minus one
+        good = np.zeros(max(0, x.size - span), dtype=bool)
+        stretches = [(s, e) for s, e in self._gate(x, origin) if e - s > span]
+        if not stretches:
+            return good
+        # One pass over the stretches' hull: each value depends on its own samples only, so
+        # it equals the value computed on the stretch alone; only the stretches are kept.
+        lo, hi = stretches[0][0], stretches[-1][1]
+        quality, level = _quality(x[lo:hi], self.rate)
+        quality = _boxcar(quality, q_len)
+        found = (quality > 0.75) & (level[: quality.size] > 1e-6)
+        for s, e in stretches:
+            good[s : e - span] = found[s - lo : e - span - lo]
         return good
 
     def _gate(self, x: FloatArray, origin: int) -> list[tuple[int, int]]:
@@ -284,12 +321,22 @@ class FskCallerIdReceiver:
         passed[0], passed[-1] = first > 0, tail < x.size
         if whole:
             frames = x[first:tail].reshape(whole, hop)
-            spec = np.fft.rfft(frames, axis=1)
-            lo, hi = (round(f * hop / self.rate) for f in GATE_BAND_HZ)
-            band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
-                                axis=1) / hop
             energy = np.einsum("ij,ij->i", frames, frames)
-            passed[1:-1] = (energy > GATE_MIN_POWER * hop) & (band >= GATE_BAND_SHARE * energy)
+            loud = np.flatnonzero(energy > GATE_MIN_POWER * hop)  # only these need a spectrum
+            passed[1:-1] = False
+            if loud.size:
+                spec = np.fft.rfft(frames[loud], axis=1)
+                lo, hi = (round(f * hop / self.rate) for f in GATE_BAND_HZ)
+                band = 2.0 * np.sum(spec.real[:, lo : hi + 1] ** 2 + spec.imag[:, lo : hi + 1] ** 2,
+                                    axis=1) / hop
+                passed[1 + loud] = band >= GATE_BAND_SHARE * energy[loud]
+            # A burst lasts MIN_BURST_S (10 hops) with nearly all its power in the band: a run
+            # of fewer than GATE_MIN_RUN_HOPS passing hops inside the buffer cannot be one
+            # (speech passes the band test now and then, for a hop or two).
+            runs = np.flatnonzero(np.diff(np.concatenate(([0], passed.astype(np.int8), [0]))))
+            for a, b in runs.reshape(-1, 2).tolist():
+                if b - a < GATE_MIN_RUN_HOPS and a > 1 and b < passed.size - 1:
+                    passed[a:b] = False
         near = passed.copy()
         for d in range(1, GATE_MARGIN_HOPS + 1):
             near[d:] |= passed[:-d]
@@ -317,42 +364,97 @@ class FskCallerIdReceiver:
         return rx
 
 
-class DtmfCallerId:
-    """DTMF caller ID: ``A``/``D`` + digits + ``C``/``#`` while the line is idle."""
+Held = tuple[str, int, int]
+"""A digit held back while a DTMF caller-ID message may be in progress: (digit, start, end)."""
 
-    MAX_GAP_FRAMES_S = 1.0
+
+class DtmfCallerId:
+    """DTMF caller ID (ETSI EN 300 659-1 / ES 200 778-1 annex B and national variants).
+
+    A message is a start digit, then digits, then a stop digit ``C`` (or ``#``):
+
+    - ``A`` + number (most countries), ``B`` + number (variants that mark the number with B),
+      ``D`` + number (variants that start with D, e.g. the Netherlands and Taiwan);
+    - ``D`` + a code of one or two digits: the number is withheld (``1``/``10`` private,
+      ``0``/``00``/``01`` unavailable);
+    - several fields in one message (``A<number>D<code>C``, ``B<redirecting>A<number>C``): the
+      ``A`` field is the number, else the first ``B``/``D`` number.
+
+    Digits from a start digit on are *held*: they are not dialled digits unless the message
+    fails (a gap of more than ``MAX_GAP_S`` between digits, a start digit that never reaches a
+    stop digit, no number and no code, more than ``MAX_DIGITS`` digits); then they are
+    *released* in order, with their own frames. Which digits are caller ID therefore depends on
+    the digits and their frames only, not on call state or on how the audio was cut: a message
+    sent before the first ring or in the first seconds of an inbound call goes to caller ID.
+    """
+
+    MAX_GAP_S = 1.0
+    MAX_DIGITS = 24
 
     def __init__(self, rate: int = 8000) -> None:
         self.rate = rate
-        self.digits = ""
-        self.start = 0
-        self.last = 0
+        self.held: list[Held] = []
+
+    @property
+    def last(self) -> int:
+        return self.held[-1][2] if self.held else 0
 
     def feed(self, digit: str, start: int, end: int) -> CallerId | None:
-        if self.digits and start - self.last > self.MAX_GAP_FRAMES_S * self.rate:
-            self.digits = ""
-        self.last = end
-        if digit in "AD":
-            self.digits, self.start = digit, start
-            return None
-        if not self.digits:
-            return None
+        """The caller ID that ``digit`` completes, if any (released digits are dropped)."""
+        cid, _ = self.feed_digit(digit, start, end)
+        return cid
+
+    def feed_digit(self, digit: str, start: int, end: int) -> tuple[CallerId | None, list[Held]]:
+        """(caller ID completed by this digit, digits that turned out to be dialled digits)."""
+        released = self.expire(start)
+        if not self.held:
+            if digit in "ABD":
+                self.held = [(digit, start, end)]
+                return None, released
+            return None, [*released, (digit, start, end)]
+        self.held.append((digit, start, end))
         if digit in "C#":
-            number, kind = self.digits[1:], self.digits[0]
-            self.digits = ""
-            if not number:
-                return None
-            if kind == "D":  # D + code: number withheld (ES 200 778-1: 00 unavailable, 10 private)
-                return CallerId(frame=self.start, source="dtmf",
-                                absent="P" if number.startswith("1") else "O")
-            return CallerId(frame=self.start, source="dtmf", number=number)
-        self.digits += digit
-        if len(self.digits) > 24:
-            self.digits = ""
+            msg, self.held = self.held, []
+            cid = self._parse(msg)
+            if cid is None:
+                return None, released + msg
+            return cid, released
+        if len(self.held) > self.MAX_DIGITS:
+            released += self.held
+            self.held = []
+        return None, released
+
+    def expire(self, now: int) -> list[Held]:
+        """Held digits whose message can no longer complete at frame ``now``."""
+        if self.held and now - self.last > self.MAX_GAP_S * self.rate:
+            out, self.held = self.held, []
+            return out
+        return []
+
+    def _parse(self, msg: list[Held]) -> CallerId | None:
+        fields: list[tuple[str, str]] = []
+        for d, _, _ in msg[:-1]:
+            if d in "ABD":
+                fields.append((d, ""))
+            elif d in "0123456789" and fields:
+                fields[-1] = (fields[-1][0], fields[-1][1] + d)
+            else:
+                return None  # a C or # inside, or a digit no caller ID uses
+        frame = msg[0][1]
+        numbers = {k: v for k, v in reversed(fields) if v and (k != "D" or len(v) > 2)}
+        number = numbers.get("A") or numbers.get("B") or numbers.get("D")
+        codes = [v for k, v in fields if k == "D" and 0 < len(v) <= 2]
+        if number is not None:
+            return CallerId(frame=frame, source="dtmf", number=number)
+        if codes:
+            return CallerId(frame=frame, source="dtmf", absent="P" if codes[0].startswith("1") else "O")
         return None
 
     def to_state(self) -> list[Any]:
-        return [self.digits, self.start, self.last]
+        return [[d, s, e] for d, s, e in self.held]
 
     def restore(self, st: list[Any]) -> None:
-        self.digits, self.start, self.last = str(st[0]), int(st[1]), int(st[2])
+        if st and not isinstance(st[0], list):  # an older checkpoint: [digits, start, last]
+            self.held = []
+            return
+        self.held = [(str(d), int(s), int(e)) for d, s, e in st]

@@ -7,6 +7,7 @@ vectorised with numpy; none loops over samples in Python.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,20 @@ def frame_levels_db(x: npt.NDArray[np.generic], frame_len: int) -> FloatArray:
     power = np.maximum(frame_powers(x, frame_len), _FLOOR_POWER)
     out: FloatArray = 10.0 * np.log10(power)
     return out
+
+
+def pack_samples(x: npt.NDArray[np.int16]) -> str:
+    """int16 samples as base64 of little-endian bytes: a detector's carried samples in a
+    checkpoint, one JSON string instead of a list of hundreds of numbers."""
+    return base64.b64encode(np.asarray(x, dtype="<i2").tobytes()).decode("ascii")
+
+
+def unpack_samples(value: Any) -> npt.NDArray[np.int16]:
+    """The samples of :func:`pack_samples` (a plain list of numbers is read too)."""
+    if isinstance(value, str):
+        raw = base64.b64decode(value, validate=True)
+        return np.frombuffer(raw, dtype="<i2").astype(np.int16)
+    return np.asarray(value, dtype=np.int16)
 
 
 def db_to_amplitude(db: float) -> float:

@@ -5,12 +5,14 @@ A digit is the sum of one row and one column frequency. Levels are per tone, RMS
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows
+from appliance.audio.dsp import FloatArray, db_to_amplitude, matmul_rows, pack_samples, unpack_samples
 from linerec_contract.errors import ConfigError, FormatError
 
 ROW_HZ: tuple[float, ...] = (697.0, 770.0, 852.0, 941.0)
@@ -155,6 +157,10 @@ class DtmfEvent:
     end: int
     quiet_dbfs: float = -120.0
     """Level of the quietest 20 ms window before the digit (for comfort noise)."""
+    decided: int = 0
+    """The first frame by which the receiver can know the digit is over (``end`` plus the
+    pairs it waits for): until then a streaming receiver still counts it as sounding. A mask
+    that runs to ``max(end, decided)`` is the same whatever the block sizes were."""
 
 
 class DtmfDetector:
@@ -165,7 +171,15 @@ class DtmfDetector:
         self._hop = cfg.hop
         self._n = self._hop * WINDOW_HOPS
         t = np.arange(self._hop, dtype=np.float64)
-        self._basis = np.exp(-1j * _TWO_PI * np.outer(t, _FREQS) / cfg.rate)
+        phase = _TWO_PI * np.outer(t, _FREQS) / cfg.rate
+        # Real basis (cosines, then sines): a real matrix product is several times cheaper
+        # than a complex one, and the partial DFT is cos part - 1j * sin part.
+        self._basis = np.ascontiguousarray(np.concatenate((np.cos(phase), np.sin(phase)), axis=1))
+        # No tone of a window reaches min_level when the window's mean-square power is below
+        # this: a bin's power is at most twice the window's, and the window-gain correction
+        # raises it at most 4 times. Blocks below it everywhere skip the DFT (idle lines).
+        self._gate_power = 10.0 ** (cfg.min_level_dbfs / 10.0) / 8.0
+        self._rot = _hop_rotations(self._hop, cfg.rate)
         self._min_power = 10.0 ** (cfg.min_level_dbfs / 10.0)
         self._normal = 10.0 ** (cfg.twist_normal_db / 10.0)
         self._reverse = 10.0 ** (cfg.twist_reverse_db / 10.0)
@@ -229,7 +243,7 @@ class DtmfDetector:
         """End an active digit (at a gap or the end of input)."""
         if self._active < 0:
             return []
-        ev = self._event(self._active_last)
+        ev = self._event(self._active_last, decided=self._next)
         self._active = -1
         self._run_digit, self._run_len = -1, 0
         return [ev]
@@ -238,30 +252,49 @@ class DtmfDetector:
         assert self._origin is not None
         return self._origin + pair * self._hop
 
-    def _event(self, last_pair: int) -> DtmfEvent:
+    def _event(self, last_pair: int, *, decided_pair: int | None = None,
+               decided: int | None = None) -> DtmfEvent:
         end = self._frame(last_pair + 1) + self._n
-        return DtmfEvent(DIGITS_BY_INDEX[self._active], self._active_start, end, self.quiet_dbfs)
+        if decided_pair is not None:
+            # Pair p needs the hops up to p + WINDOW_HOPS: its result exists from that frame on.
+            decided = self._frame(decided_pair + WINDOW_HOPS + 1)
+        return DtmfEvent(DIGITS_BY_INDEX[self._active], self._active_start, end, self.quiet_dbfs,
+                         max(end, decided or end))
 
     def _pairs(self, first_hop: int, hops: np.ndarray) -> list[DtmfEvent]:
-        rate, hop = self.cfg.rate, self._hop
-        s = matmul_rows(hops, self._basis)  # (h, F) complex partial sums, phase relative to each hop start
-        k = np.arange(first_hop, first_hop + hops.shape[0], dtype=np.float64)
-        s *= np.exp(-1j * _TWO_PI * np.outer(k * hop, _FREQS) / rate)
         energy = np.einsum("ij,ij->i", hops, hops)
-        w = s[0:-3] + s[1:-2] + s[2:-1] + s[3:]  # windows of WINDOW_HOPS hops
         e = energy[0:-3] + energy[1:-2] + energy[2:-1] + energy[3:]
         n = float(self._n)
-        power = 2.0 * (w.real**2 + w.imag**2) / (n * n)
         total = e / n
-        valid = self._valid(w, power, total)
-        digit = np.where(valid[0], valid[1], -1)
+        if not np.any(total >= self._gate_power):
+            # Nothing in this block can be a digit: every pair is invalid.
+            return self._runs(first_hop, np.full(total.size - 1, -1), total)
+        m = matmul_rows(hops, self._basis)  # (h, 2F): cos and sin parts of each hop's sums
+        f = _FREQS.size
+        s = m[:, :f] - 1j * m[:, f:]  # (h, F) complex partial sums, phase relative to each hop start
+        # Each hop's phase relative to hop 0 (a table: it repeats every _rot.shape[0] hops).
+        s *= self._rot[np.arange(first_hop, first_hop + hops.shape[0]) % self._rot.shape[0]]
+        w = s[0:-3] + s[1:-2] + s[2:-1] + s[3:]  # windows of WINDOW_HOPS hops
+        power = 2.0 * (w.real**2 + w.imag**2) / (n * n)
+        # A pair can only be valid where its strongest row and column bins, even after the
+        # largest window-gain correction (4x), hold energy_ratio of the window's power; speech
+        # rarely does, so the full tests run on the few candidate pairs only.
+        peak = power[:, 0:4].max(axis=1) + power[:, 4:8].max(axis=1)
+        tot = np.maximum(total[:-1], total[1:])
+        cand = np.flatnonzero(4.0 * peak[:-1] >= self.cfg.energy_ratio * tot)
+        digit = np.full(total.size - 1, -1)
+        if cand.size:
+            ok, which = self._valid(w[cand], w[cand + 1], power[cand], power[cand + 1],
+                                    total[cand], total[cand + 1])
+            digit[cand] = np.where(ok, which, -1)
         # Pair p uses windows p and p+1; window 0 here is hop ``first_hop``.
         return self._runs(first_hop, digit, total)
 
-    def _valid(self, w: np.ndarray, power: np.ndarray,
-               total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _valid(self, wa: np.ndarray, wb: np.ndarray, a: np.ndarray, b: np.ndarray,
+               ta: np.ndarray, tb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which pairs of windows (sums ``wa``, ``wb``; bin powers ``a``, ``b``; mean-square
+        powers ``ta``, ``tb``) hold a valid digit, and which digit."""
         cfg = self.cfg
-        a, b = power[:-1], power[1:]
         rows_a, cols_a = a[:, 0:4], a[:, 4:8]
         rows_b, cols_b = b[:, 0:4], b[:, 4:8]
         r = np.argmax(rows_a, axis=1)
@@ -270,8 +303,8 @@ class DtmfDetector:
         same = (r == np.argmax(rows_b, axis=1)) & (c == np.argmax(cols_b, axis=1))
         # Frequency of each chosen tone from the phase advance over one hop.
         fr, fc = r, c + 4
-        adv_r = w[1:][idx, fr] * np.conj(w[:-1][idx, fr])
-        adv_c = w[1:][idx, fc] * np.conj(w[:-1][idx, fc])
+        adv_r = wb[idx, fr] * np.conj(wa[idx, fr])
+        adv_c = wb[idx, fc] * np.conj(wa[idx, fc])
         scale = self.cfg.rate / (_TWO_PI * self._hop)
         dev_r = np.angle(adv_r) * scale
         dev_c = np.angle(adv_c) * scale
@@ -287,7 +320,7 @@ class DtmfDetector:
         peak = (np.minimum(rows_a[idx, r], rows_b[idx, r]) >= others_r * self._rel) & (
             np.minimum(cols_a[idx, c], cols_b[idx, c]) >= others_c * self._rel
         )
-        tot = np.maximum(total[:-1], total[1:])
+        tot = np.maximum(ta, tb)
         ratio = (pr + pc) >= cfg.energy_ratio * tot
         harm_r = np.maximum(a[idx, fr + 8], b[idx, fr + 8])
         harm_c = np.maximum(a[idx, fc + 8], b[idx, fc + 8])
@@ -320,7 +353,10 @@ class DtmfDetector:
             if d < 0:
                 self._run_quiet = min(self._run_quiet, q)
             if self._active >= 0 and d != self._active and p1 - 1 - self._active_last >= off:
-                events.append(self._event(self._active_last))
+                decided = self._active_last + off
+                if d >= 0 and self._run_len >= on:  # another digit may have taken over first
+                    decided = min(decided, self._run_first + on - 1)
+                events.append(self._event(self._active_last, decided_pair=decided))
                 self._active = -1
             if d < 0:
                 continue
@@ -328,7 +364,8 @@ class DtmfDetector:
                 self._active_last = p1 - 1
             elif self._run_len >= on:
                 if self._active >= 0:
-                    events.append(self._event(self._active_last))
+                    events.append(self._event(self._active_last,
+                                              decided_pair=self._run_first + on - 1))
                 self._active = d
                 self._active_start = self._frame(self._run_first)
                 self._active_last = p1 - 1
@@ -340,7 +377,7 @@ class DtmfDetector:
             "version": STATE_VERSION,
             "origin": self._origin,
             "next": self._next,
-            "carry": [int(v) for v in self._carry],
+            "carry": pack_samples(self._carry),
             "run": [self._run_digit, self._run_len, self._run_first],
             "active": [self._active, self._active_start, self._active_last],
             "quiet": [self._quiet_power, self._last_quiet,
@@ -355,7 +392,7 @@ class DtmfDetector:
                 raise FormatError(f"DTMF state version {state['version']!r}; accepted {STATE_VERSION}")
             det._origin = None if state["origin"] is None else int(state["origin"])
             det._next = None if state["next"] is None else int(state["next"])
-            det._carry = np.asarray(state["carry"], dtype=np.int16)
+            det._carry = unpack_samples(state["carry"])
             det._run_digit, det._run_len, det._run_first = (int(v) for v in state["run"])
             det._active, det._active_start, det._active_last = (int(v) for v in state["active"])
             det._quiet_power = float(state["quiet"][0])
@@ -367,6 +404,20 @@ class DtmfDetector:
 
 
 DIGITS_BY_INDEX: tuple[str, ...] = tuple("".join(KEYPAD))
+
+
+@functools.lru_cache(maxsize=4)
+def _hop_rotations(hop: int, rate: int) -> np.ndarray:
+    """exp(-2 pi i f k hop / rate) for every frequency f of interest and hop k over one
+    period of hops (all frequencies are whole hertz, so the phases repeat)."""
+    period = 1
+    for f in _FREQS:
+        q = rate // math.gcd(rate, round(f) * hop)
+        period = period * q // math.gcd(period, q)
+    k = np.arange(period, dtype=np.float64)[:, None]
+    rot: np.ndarray = np.exp(-1j * _TWO_PI * ((k * hop * _FREQS) % rate) / rate)
+    rot.flags.writeable = False
+    return rot
 
 
 def _window_gain(dev_hz: np.ndarray, n: int, rate: int) -> np.ndarray:

@@ -58,6 +58,25 @@ class OpenCall:
             self.inbound = True
         self.events.append(ev)
 
+    def drop_from(self, end: int) -> None:
+        """The call ended at ``end``: events from there on (taken with the block the end fell
+        in) belong to no part of it."""
+        late = [e for e in self.events if e["frame"] >= end]
+        if not late:
+            return
+        self.events = [e for e in self.events if e["frame"] < end]
+        dialled = sum(1 for e in late if e["kind"] == "dtmf")
+        if dialled:
+            self.dialled = self.dialled[:-dialled]
+        self.masked_digits -= sum(1 for e in late if e["kind"] == "dtmf-masked")
+        if any(e["kind"] in ("callerid", "tone") for e in late):
+            cids = [e for e in self.events if e["kind"] == "callerid"]
+            if any(e["kind"] == "callerid" for e in late):
+                self.caller_id = ({k: v for k, v in cids[-1].items() if k not in ("kind", "frame")}
+                                  if cids else None)
+            self.inbound = self.part > 0 and self.inbound or bool(cids) or any(
+                e["kind"] == "tone" and e["tone"] == "ring" for e in self.events)
+
     def split(self, at: int) -> list[dict[str, Any]]:
         """Events before frame ``at`` (they go with the part that ends there); the rest stay."""
         before = [e for e in self.events if e["frame"] < at]

@@ -9,13 +9,14 @@ crash raises the same alarms at the same audio.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from appliance.audio.dsp import FLOOR_DBFS, bin_powers
+from appliance.audio.dsp import FLOOR_DBFS
 
 CLIP_LEVEL = 32700
 HUM_HZ = (50.0, 60.0)
@@ -27,6 +28,16 @@ class HealthConfig:
     rate: int = 8000
     long_call_s: float = 4 * 3600.0
     silent_days: float = 7.0
+
+
+@functools.lru_cache(maxsize=8)
+def _hum_basis(n: int, rate: int) -> np.ndarray:
+    """(n, 2 * len(HUM_HZ)) real DFT basis of the hum frequencies, cosines then sines (as
+    dsp.bin_powers), built once per block length."""
+    phase = 2.0 * np.pi * np.outer(np.arange(n, dtype=np.float64), HUM_HZ) / rate
+    basis: np.ndarray = np.ascontiguousarray(np.concatenate((np.cos(phase), np.sin(phase)), axis=1))
+    basis.flags.writeable = False
+    return basis
 
 
 def _db(power: float) -> float:
@@ -50,13 +61,17 @@ class LineHealth:
     def measure(self, block: np.ndarray) -> None:
         if block.size == 0:
             return
-        self.peak = max(self.peak, int(np.max(np.abs(block.astype(np.int32)))))
-        self.clipped += int(np.count_nonzero(np.abs(block.astype(np.int32)) >= CLIP_LEVEL))
+        mag = np.abs(block.astype(np.int32))
+        self.peak = max(self.peak, int(mag.max()))
+        self.clipped += int(np.count_nonzero(mag >= CLIP_LEVEL))
         x = block.astype(np.float64) / 32768.0
         n = min(x.size, self.cfg.rate)  # hum over at most one second: enough resolution
         self.dc = 0.9 * self.dc + 0.1 * float(x.mean()) if self.samples else float(x.mean())
         if n >= self.cfg.rate // 10:
-            powers = bin_powers((x[-n:] - x[-n:].mean())[None, :], list(HUM_HZ), self.cfg.rate)[0]
+            y = x[-n:] - x[-n:].mean()
+            parts = y @ _hum_basis(n, self.cfg.rate)  # cos parts, then sin parts
+            k = len(HUM_HZ)
+            powers = 2.0 * (parts[:k] ** 2 + parts[k:] ** 2) / float(n * n)
             for hz, p in zip(HUM_HZ, powers.tolist(), strict=True):
                 self.hum_power[hz] = max(self.hum_power[hz], float(p))
         self.samples += block.size

@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.audio import tones
 from appliance.audio.callerid import DtmfCallerId, FskCallerIdReceiver
-from appliance.audio.dtmf import DtmfConfig, DtmfDetector, DtmfEvent
+from appliance.audio.dtmf import WINDOW_HOPS, DtmfConfig, DtmfDetector, DtmfEvent
 from appliance.recorder import pci
 from appliance.recorder.pci import MaskSpan, SequenceMatcher
 
@@ -52,6 +52,8 @@ class Analysis:
     controls: list[tuple[int, str, int]] = field(default_factory=list)
     """(frame, "end_call", tone start) or (frame, "tone_over", tone start)."""
     backfill: list[MaskSpan] = field(default_factory=list)
+    taken: set[tuple[str, int]] = field(default_factory=set)
+    """(call id, index in ``events``) of the events a call already took."""
 
 
 class LineAnalyzer:
@@ -65,7 +67,7 @@ class LineAnalyzer:
         self._margin = cfg.margin_ms * cfg.rate // 1000
         self.spans: list[MaskSpan] = []  # final spans, recent ones only
         self.recent: list[dict[str, Any]] = []  # recent events (for a call that starts later)
-        self._known: list[int] = []  # starts of spans already applied
+        self._known: dict[int, int] = {}  # span start -> frame up to which it was applied
         self._pause = SequenceMatcher(cfg.pause_sequence)
         self._resume = SequenceMatcher(cfg.resume_sequence)
         self._resume_first = 0
@@ -83,8 +85,28 @@ class LineAnalyzer:
         if self.cfg.masking and active is not None:
             out.append(MaskSpan(active[1] - self._margin, OPEN_END, self.dtmf.quiet_dbfs, "pci-masked"))
         if self.paused_since is not None:
-            out.append(MaskSpan(self.paused_since, OPEN_END, self._pause_level, "pci-pause"))
+            end = self._resume_end()
+            out.append(MaskSpan(self.paused_since, max(end, self.paused_since), self._pause_level,
+                                "pci-pause"))
         return out
+
+    def _confirmed_at(self, digit_start: int) -> int:
+        """The first frame by which the receiver can have confirmed a digit that began at
+        ``digit_start``: audio before it was spooled before the digit was known."""
+        return digit_start + (self.cfg.dtmf.on_pairs + WINDOW_HOPS) * self.cfg.dtmf.hop
+
+    def _resume_end(self) -> int:
+        """Where an open pause window ends if the resume sequence under way completes: the
+        frame by which its first digit was confirmed (OPEN_END while none is under way)."""
+        seq = self._resume.sequence
+        if not seq:
+            return OPEN_END
+        if self._resume.matched > 0:
+            return self._confirmed_at(self._resume_first)
+        active = self.dtmf.active
+        if active is not None and active[0] == seq[0]:
+            return self._confirmed_at(active[1])
+        return OPEN_END
 
     def current_spans(self) -> list[MaskSpan]:
         return self.spans + self.provisional()
@@ -97,11 +119,17 @@ class LineAnalyzer:
 
     # -- processing --------------------------------------------------------------------------
 
-    def process(self, start: int, block: np.ndarray, *, in_call: bool) -> Analysis:
+    def process(self, start: int, block: np.ndarray) -> Analysis:
+        """Analyse the line's frames [start, start + len(block)).
+
+        Nothing here depends on how the audio was cut into blocks: events carry their own
+        frames, and spans and recent events are kept until every block they touch is done."""
         out = Analysis()
         end = start + block.shape[0]
         for ev in self.dtmf.process(start, block):
-            self._digit(ev, out, in_call)
+            self._digit(ev, out)
+        if self.cfg.callerid:
+            self._dialled(self.dtmf_cid.expire(end), out)
         for tev in self.tones.process(start, block):
             if tev.state == "start":
                 out.events.append({"kind": "tone", "tone": tev.kind, "frame": tev.start,
@@ -120,33 +148,57 @@ class LineAnalyzer:
             self.end_pause(self.paused_since + round(self.cfg.pause_max_s * self.cfg.rate), out)
         out.controls.sort()
         # Spans that reach back before this block and were not applied yet.
-        for sp in self.current_spans():
-            if sp.start < start and sp.start not in self._known:
-                out.backfill.append(MaskSpan(sp.start, min(sp.end, start), sp.level_dbfs, sp.reason))
-        self._known = [sp.start for sp in self.current_spans()]
+        # (A pause window that stopped short for a resume sequence that then failed grows again.)
+        current = self.current_spans()
+        for sp in current:
+            a = max(self._known.get(sp.start, sp.start), sp.start)
+            if a < min(sp.end, start):
+                out.backfill.append(MaskSpan(a, min(sp.end, start), sp.level_dbfs, sp.reason))
+        # The caller masks this block with ``current``.
+        self._known = {sp.start: max(min(sp.end, end), self._known.get(sp.start, 0))
+                       for sp in current}
         self.recent.extend(out.events)
-        self._prune(end)
+        # The caller still masks, spools and cuts this whole block (and takes pre-roll and early
+        # events from before it): only what ended keep_s before its first frame can go.
+        self._prune(start)
         self.pos = end
         return out
 
-    def _digit(self, ev: DtmfEvent, out: Analysis, in_call: bool) -> None:
+    def finish(self, end: int) -> list[dict[str, Any]]:
+        """Events still held at the end of the input (a digit sounding, a caller ID cut short)."""
+        out = Analysis()
+        for ev in self.dtmf.flush():
+            self._digit(ev, out)
+        self._dialled(self.dtmf_cid.expire(end + round(DtmfCallerId.MAX_GAP_S * self.cfg.rate) + 1), out)
+        return out.events
+
+    def _digit(self, ev: DtmfEvent, out: Analysis) -> None:
         cfg = self.cfg
         if cfg.masking:
-            span = MaskSpan(ev.start - self._margin, ev.end + self._margin, ev.quiet_dbfs, "pci-masked")
+            # To the end of the tone plus the margin, or as long as the receiver still counted
+            # the digit as sounding, whichever is later (the same however the audio was cut).
+            end = max(ev.end + self._margin, ev.decided)
+            span = MaskSpan(ev.start - self._margin, end, ev.quiet_dbfs, "pci-masked")
             self.spans.append(span)
             out.events.append({"kind": "dtmf-masked", "frame": span.start, "end": span.end})
-        else:
-            out.events.append({"kind": "dtmf", "digit": ev.digit, "frame": ev.start, "end": ev.end})
-        if not in_call and cfg.callerid:
-            cid = self.dtmf_cid.feed(ev.digit, ev.start, ev.end)
+        if cfg.callerid:
+            # Digits of a caller-ID message are held until it completes (caller ID) or fails.
+            cid, dialled = self.dtmf_cid.feed_digit(ev.digit, ev.start, ev.end)
+            self._dialled(dialled, out)
             if cid is not None:
                 out.events.append({"kind": "callerid", "frame": cid.frame, **cid.to_dict()})
+        else:
+            self._dialled([(ev.digit, ev.start, ev.end)], out)
         if self._resume.matched == 0:
             self._resume_first = ev.start
         if self.paused_since is None and self._pause.feed(ev.digit):
             self.start_pause(ev.end + self._margin, "digits", ev.quiet_dbfs)
         elif self.paused_since is not None and self._resume.feed(ev.digit):
-            self.end_pause(max(self._resume_first - self._margin, self.paused_since), out)
+            self.end_pause(max(self._confirmed_at(self._resume_first), self.paused_since), out)
+
+    def _dialled(self, digits: list[tuple[str, int, int]], out: Analysis) -> None:
+        if not self.cfg.masking:
+            out.events.extend({"kind": "dtmf", "digit": d, "frame": a, "end": b} for d, a, b in digits)
 
     def start_pause(self, frame: int, by: str, level_dbfs: float | None = None) -> None:
         if self.paused_since is None:
@@ -185,7 +237,7 @@ class LineAnalyzer:
             "dtmf_cid": self.dtmf_cid.to_state(),
             "spans": [sp.to_state() for sp in self.spans],
             "recent": self.recent,
-            "known": self._known,
+            "known": [[a, b] for a, b in self._known.items()],
             "pause": [self._pause.matched, self._resume.matched, self._resume_first,
                       self.paused_since, self.paused_by, self._pause_level],
             "pos": self.pos,
@@ -200,7 +252,9 @@ class LineAnalyzer:
         an.dtmf_cid.restore(st["dtmf_cid"])
         an.spans = [MaskSpan.from_state(s) for s in st["spans"]]
         an.recent = list(st["recent"])
-        an._known = [int(v) for v in st["known"]]
+        # [start, applied up to]; an older checkpoint lists starts applied up to ``pos``.
+        an._known = {int(k[0]) if isinstance(k, list) else int(k):
+                     int(k[1]) if isinstance(k, list) else int(st["pos"]) for k in st["known"]}
         p = st["pause"]
         an._pause.matched, an._resume.matched, an._resume_first = int(p[0]), int(p[1]), int(p[2])
         an.paused_since = None if p[3] is None else int(p[3])

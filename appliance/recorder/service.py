@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 MAX_FILLED_GAP_S = 10.0
-MAX_BATCH = 256
+MAX_BATCH = 1024
 MAX_ALARMS = 20
 NEXT_KEY_FILE = "device.next.key"
 REOPEN_CHECK_S = 1.0
@@ -84,6 +84,10 @@ class StreamState:
     def wall_ns(self, frame: int) -> int:
         anchor_frame, anchor_wall = self.anchor
         return anchor_wall + (frame - anchor_frame) * 1_000_000_000 // max(self.rate, 1)
+
+
+STATUS_EVERY_S = 0.9
+"""The status file is rewritten this often (appliance status calls a stage stale after 2 s)."""
 
 
 class Recorder:
@@ -355,8 +359,10 @@ class Recorder:
         payload = b"".join(r.payload for r in batch)
         frames = last.frame_pos + last.frames - first.frame_pos
         pcm = np.frombuffer(payload, dtype="<i2").reshape(frames, first.channels)
+        # One transpose, so that every line's detectors read contiguous samples.
+        by_line = np.ascontiguousarray(pcm.T).astype(np.int16, copy=False)
         for line in stream.lines:
-            self._process_line(stream, line, first.frame_pos, pcm[:, line.channel], first.seq)
+            self._process_line(stream, line, first.frame_pos, by_line[line.channel], first.seq)
         stream.expect_frame = first.frame_pos + frames
         stream.anchor = (last.frame_pos, last.wall_ns)
         # The checkpoint a seal takes must describe the instant after this batch.
@@ -438,8 +444,7 @@ class Recorder:
         cut at the frames where a tone ends a call, and the masked audio into the spool."""
         end = start + len(block)
         line.poll_pause_requests(self.cfg.state_dir, stream.anchor, stream.rate, start, end)
-        opened = line.call  # events of this block go to it; a call started here took its own
-        an = line.analyzer.process(start, block, in_call=opened is not None)
+        an = line.analyzer.process(start, block)
         if line.call is not None and line.spool is not None:
             for sp in an.backfill:
                 a = max(sp.start, line.call.part_start_frame)
@@ -452,7 +457,7 @@ class Recorder:
             frame = min(max(frame, a), end)
             if frame > a:
                 self._detect(stream, line, a, block[a - start:frame - start],
-                             masked[a - start:frame - start], seq, an, opened)
+                             masked[a - start:frame - start], seq, an, (start, block))
                 a = frame
             ev: DetectorEvent | None = None
             if action == "end_call":
@@ -461,17 +466,35 @@ class Recorder:
                     line.detector.voice_start >= tone_start - line.setup.detector.frame_len:
                 ev = line.detector.force_end(frame, tone_start)
             if ev is not None and line.call is not None and line.spool is not None:
-                self._end_call(line, ev, frame, an, opened)
-        if line.call is not None and line.call is opened and opened.resumed is None:
-            for e in an.events:
-                line.call.add(e)
+                self._end_call(line, ev, frame, an)
+        if line.call is not None and line.call.resumed is None:
+            self._take_events(line, an, end)
         line.health.measure(block)
         in_call = None if line.call is None else end - line.call.call_start_frame
         for alarm in line.health.check_alarms(in_call, stream.wall_ns(end)):
             self._alarm(alarm.pop("kind"), line=line.line, **alarm)
 
+    def _take_events(self, line: LineState, an: Analysis, upto: int) -> None:
+        """The open call takes this block's events from before frame ``upto``: those from its
+        first frame on, and caller ID and tones from the window before it (ringing). Events
+        are taken by their frames before the audio they describe is spooled or cut, so a call
+        holds the same events however the audio was cut into blocks."""
+        call = line.call
+        if call is None:
+            return
+        window = round(INBOUND_WINDOW_S * line.setup.analyzer.rate)
+        for i, e in enumerate(an.events):
+            if e["frame"] < upto and (call.call_id, i) not in an.taken:
+                an.taken.add((call.call_id, i))
+                if e["frame"] >= call.call_start_frame or (
+                        e["kind"] in ("callerid", "tone") and e["frame"] >= call.call_start_frame - window):
+                    call.add(e)
+
     def _detect(self, stream: StreamState, line: LineState, start: int, raw: np.ndarray,
-                block: np.ndarray, seq: int | None, an: Analysis, opened: OpenCall | None) -> None:
+                block: np.ndarray, seq: int | None, an: Analysis,
+                whole: tuple[int, np.ndarray]) -> None:
+        """Call detection on ``raw`` (frames from ``start``), a piece of the line's ``whole``
+        block (its first frame and raw audio; ``seq`` is its first record)."""
         events = line.detector.process(start, raw)
         end = start + len(block)
         pos = start
@@ -483,14 +506,16 @@ class Recorder:
                 if not self.outbox.accepting_new_calls():
                     self._refuse_call(stream, line, ev.frame)
                     continue
-                self._start_call(stream, line, ev.frame, start, seq)
+                self._start_call(stream, line, ev.frame, start, seq, an, whole)
                 pos = max(ev.frame, start)
             elif line.call is not None and line.spool is not None:
                 if ev.frame > pos:
+                    self._take_events(line, an, ev.frame)
                     self._append(line, block[pos - start:ev.frame - start])
-                self._end_call(line, ev, pos, an, opened)
+                self._end_call(line, ev, pos, an)
                 pos = end
         if line.call is not None and line.call.resumed is None:
+            self._take_events(line, an, end)
             self._append(line, block[pos - start:])
         elif line.call is not None and line.detector.idle:
             note = line.call.resumed
@@ -504,17 +529,14 @@ class Recorder:
         assert line.call is not None and line.spool is not None
         self._close_call(line, line.call.part_start_frame + line.spool.frames)
 
-    def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis,
-                  opened: OpenCall | None) -> None:
+    def _end_call(self, line: LineState, ev: DetectorEvent, pos: int, an: Analysis) -> None:
         assert line.call is not None and line.spool is not None
         if ev.frame <= pos:
             line.spool.cut(max(ev.frame - line.call.part_start_frame, 0))
         if ev.kind == "call_end" or line.call.part > 0:
             # A call with sealed parts is never discarded (e.g. continued after a stop).
-            if line.call is opened:
-                for e in an.events:
-                    if e["frame"] < ev.frame:
-                        line.call.add(e)
+            self._take_events(line, an, ev.frame)
+            line.call.drop_from(ev.frame)
             self._close_call(line, ev.frame)
         else:
             line.analyzer.end_pause(ev.frame)
@@ -550,8 +572,14 @@ class Recorder:
         self.unrecorded.append(note)
 
     def _start_call(self, stream: StreamState, line: LineState, first: int, block_start: int,
-                    seq: int | None) -> None:
-        history, first = self._history(stream, line.channel, first, block_start, seq)
+                    seq: int | None, an: Analysis, whole: tuple[int, np.ndarray]) -> None:
+        # Pre-roll: from the journal before the whole block, then the block up to this piece.
+        whole_start, whole_raw = whole
+        history, first = self._history(stream, line.channel, first, whole_start, seq)
+        if block_start > whole_start:
+            lo = max(first, whole_start)
+            history = np.concatenate((history, whole_raw[lo - whole_start:block_start - whole_start]))
+            first = min(first, lo)
         digest = hashlib.sha256(
             f"{self.cfg.device.id}|{stream.section.name}|{line.line}|{first}".encode()
         ).hexdigest()[:6]
@@ -561,9 +589,10 @@ class Recorder:
         line.spool = self._new_spool(line.line)
         line.spool.append(line.analyzer.mask(history, first))
         window = round(INBOUND_WINDOW_S * stream.rate)
+        this_block = {id(e) for e in an.events}  # taken by their frames as the audio is spooled
         for e in line.analyzer.recent:
             early_ok = e["kind"] in ("callerid", "tone") and e["frame"] >= first - window
-            if e["frame"] >= first or early_ok:
+            if id(e) not in this_block and (e["frame"] >= first or early_ok):
                 line.call.add(e)
         if line.analyzer.paused_since is not None and line.analyzer.paused_since < first:
             line.analyzer.paused_since = first
@@ -656,6 +685,7 @@ class Recorder:
         pending, self._pending = self._pending, []
         prepared: list[int] = []
         next_key = self._rotation_candidate()
+        signing = self.key
         # Segments the outbox had to drop, and calls it made us skip, are announced in the
         # first manifest sealed from now on: central sees every loss in the chain.
         announce = self.outbox.pending_losses() + list(self.unrecorded)
@@ -681,14 +711,16 @@ class Recorder:
                              start_wall_ns=stream.wall_ns(start), rate=stream.rate, pcm=pcm,
                              sensitive=sensitive, gaps=gaps),
                 device_id=self.cfg.device.id, seq=self.next_seq,
-                prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=self.key,
+                prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=signing,
                 codec=self.cfg.seal.codec, opus_bitrate=self.cfg.seal.opus_bitrate,
                 next_key=next_key,
             )
             if next_key is not None:
                 # The old key signs the announcement of the new one: the chain stays verifiable.
                 self.rotation = {"key_id": next_key.key_id, "seq": seg.seq}
-                next_key = None
+                # Segments sealed with it in this batch follow the announcement: the new key
+                # signs them (they are committed, or discarded, together with it).
+                signing, next_key = next_key, None
             # Phase 1: the sealed segment is durable but not yet visible to the uplink.
             self.outbox.prepare(seg.seq, encode_wire(seg), seg.payload_sha256)
             prepared.append(seg.seq)
@@ -756,17 +788,26 @@ class Recorder:
                 "cursors": {s.section.name: s.cursor for s in self.streams}}
 
     def run(self, stop: threading.Event, status_path: Path | None = None) -> None:
+        interval = self.cfg.recorder.read_interval_s
+        next_read = time.monotonic()
         try:
             while not stop.is_set():
-                sdnotify.notifier().watchdog()  # analysis stuck in step() stops the keep-alives
-                handled = self.step()
-                self.caught_up = handled == 0
+                # Keep-alives and the status file go out from this loop, between reads too:
+                # analysis stuck in step() stops both.
+                sdnotify.notifier().watchdog()
                 now = time.monotonic()
-                if status_path is not None and now - self._last_status >= 0.5:
+                if status_path is not None and now - self._last_status >= STATUS_EVERY_S:
                     write_status(status_path, self.status())
                     self._last_status = now
-                if not handled:
-                    stop.wait(0.02)
+                if now < next_read:
+                    stop.wait(sdnotify.notifier().max_wait(min(next_read - now, STATUS_EVERY_S)))
+                    continue
+                handled = self.step()
+                self.caught_up = handled == 0  # the journal held nothing new at this read
+                # Behind (a batch was full): read on at once. Otherwise read again after
+                # read_interval_s: a recorder needs no low latency, and one read per second of
+                # audio costs a fraction of what fifty 20 ms reads cost.
+                next_read = now if handled >= MAX_BATCH else max(next_read + interval, now)
             # After a failure there is no consistent instant to save: the restart resumes from
             # the last checkpoint, as after a crash.
             self.seal_open_parts()

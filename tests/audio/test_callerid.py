@@ -94,3 +94,53 @@ def test_burst_right_after_silence_or_ring_is_not_cut_by_the_band_gate(before: s
     (got,) = stream(pcm, (RATE + cut, 160, 80, 4000))
     assert whole == [got]
     assert got.number == "0123456789" and abs(got.frame - RATE) < 40
+
+
+def _feed_all(digits: str, gap: int = 800) -> tuple[list[cid.CallerId], list[str]]:
+    """Caller IDs found and the digits released as dialled digits, for digits 100 ms apart
+    (``gap`` frames from one digit's start to the next)."""
+    rx = cid.DtmfCallerId(RATE)
+    found, dialled = [], []
+    for i, d in enumerate(digits):
+        got, released = rx.feed_digit(d, i * gap, i * gap + 480)
+        dialled += [r[0] for r in released]
+        if got is not None:
+            found.append(got)
+    dialled += [r[0] for r in rx.expire(len(digits) * gap + 2 * RATE)]
+    return found, dialled
+
+
+@pytest.mark.parametrize(("digits", "number", "absent"), [
+    ("A5551234C", "5551234", None),      # EN 300 659-1 / ES 200 778-1 annex B
+    ("A5551234#", "5551234", None),      # '#' as the stop digit
+    ("D0612345678C", "0612345678", None),  # variants that start the number with D
+    ("B5551234C", "5551234", None),      # variants that mark the number with B
+    ("B4441234A5551234C", "5551234", None),  # redirecting number, then the number
+    ("D10C", None, "P"),                 # number withheld: private
+    ("D00C", None, "O"),                 # number unavailable
+])
+def test_dtmf_caller_id_framings(digits: str, number: str | None, absent: str | None) -> None:
+    found, dialled = _feed_all(digits)
+    assert dialled == []
+    assert len(found) == 1 and found[0].number == number and found[0].absent == absent
+    assert found[0].frame == 0 and found[0].source == "dtmf"
+
+
+@pytest.mark.parametrize("digits", [
+    "A5551234",   # no stop digit
+    "AC",         # no number
+    "A55*#9C",    # a digit no caller ID uses ('*'): all of it is dialled
+])
+def test_failed_dtmf_caller_id_digits_are_dialled_digits(digits: str) -> None:
+    found, dialled = _feed_all(digits)
+    assert found == [] and "".join(dialled) == digits
+
+
+def test_dtmf_caller_id_with_a_long_gap_is_dialled_digits() -> None:
+    found, dialled = _feed_all("A5551234C", gap=RATE + 800)  # more than 1 s between digits
+    assert found == [] and "".join(dialled) == "A5551234C"
+
+
+def test_plain_digits_pass_straight_through() -> None:
+    rx = cid.DtmfCallerId(RATE)
+    assert rx.feed_digit("5", 0, 480) == (None, [("5", 0, 480)])
