@@ -29,6 +29,7 @@ from appliance.config import Config
 from appliance.recorder.service import MAX_BATCH, Recorder
 from linerec_contract.identity import DeviceKey, generate_age_identity
 from linerec_contract.segment import SealedSegment
+from linerec_contract.trust import DeviceTrust
 from linerec_contract.verify import audit_chain, open_segment_audio, open_segment_sensitive
 from tests.recorder.recorder_support import RATE, outbox_segments, recorder_config
 
@@ -144,7 +145,8 @@ def run_box(state: Path, record_frames: int, wake_frames: int,
     writer.close()
     segs = outbox_segments(cfg)
     assert [s.seq for s in segs] == list(range(len(segs)))
-    assert audit_chain(segs, {key.key_id: key.public_b64}) == []
+    trust = {s.device_id: DeviceTrust.of_keys(s.device_id, [key.public_b64]) for s in segs}
+    assert audit_chain(segs, trust) == []
     return segs, key
 
 
