@@ -434,8 +434,8 @@ class Recorder:
         call.part_start_frame = first
         call.gaps.append({**note, "frames": first - note["at_frame"]})
         line.spool.append(line.analyzer.mask(history, first))
-        for e in line.analyzer.recent:
-            if e["frame"] >= first:
+        for e in line.analyzer.recent:  # this block's own events: _take_events, by frame
+            if first <= e["frame"] < block_start:
                 call.add(e)
 
     def _process_line(self, stream: StreamState, line: LineState, start: int,
@@ -500,9 +500,15 @@ class Recorder:
         pos = start
         for ev in events:
             if ev.kind == CALL_START and line.call is not None and line.call.resumed is not None:
-                self._continue_call(stream, line, start, seq)
-                pos = start
-            elif ev.kind == CALL_START:
+                wait = line.call.resumed
+                if ev.frame - (wait["at_frame"] + wait["frames"]) < line.setup.stop_delay_s * stream.rate:
+                    self._continue_call(stream, line, start, seq)
+                    pos = start
+                    continue
+                # Voice only after the stop delay (a large batch holds both): the stopped call
+                # ended while the box was down, and this is a new call.
+                self._end_stopped_call(line)
+            if ev.kind == CALL_START:
                 if not self.outbox.accepting_new_calls():
                     self._refuse_call(stream, line, ev.frame)
                     continue
