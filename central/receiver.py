@@ -320,6 +320,7 @@ class SegmentIntake:
             if self.index is not None:
                 self.index.close()
                 self.index = None
+            self.store.close()
 
     def enrolled(self, topic: str) -> str:
         """The enrolled device a message's topic names; :class:`Refused` otherwise."""

@@ -19,7 +19,9 @@ rejected messages.
 
 Chain check and store are one critical section per device: :meth:`Store.device_lock` takes an
 exclusive ``flock`` on ``locks/<dev>.lock``, which holds across threads and across the receiver
-processes sharing this home. A payload without a manifest is the torn tail of an interrupted
+processes sharing this home. With the PostgreSQL index (receivers on several machines, each with
+its own home) it also takes the device's PostgreSQL advisory lock (:mod:`central.devlock`),
+which holds across machines. A payload without a manifest is the torn tail of an interrupted
 ``put``: the next ``put`` of that segment keeps it when it is the same payload and otherwise
 discards it and writes its own (nothing was acknowledged for it).
 """
@@ -40,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from central.backends import ObjectExists, ObjectStore, open_object_store
+from central.backends import ObjectExists, ObjectStore, index_config, open_object_store
+from central.devlock import DeviceLockError, PgDeviceLocks
 from central.home import Home, Limits, make_dirs
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, FormatError, VerificationError
@@ -89,6 +92,9 @@ class Store:
         self.objects = objects or open_object_store(home.config_path, home.store_dir)
         self.limits = limits if limits is not None else home.config().limits
         self.counts = {"quarantined": 0, "quarantine_dropped": 0, "quarantine_truncated": 0}
+        index = index_config(home.config_path)
+        self.shared_locks = (PgDeviceLocks(index.dsn)
+                             if index.backend == "postgresql" and index.dsn else None)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -113,11 +119,23 @@ class Store:
     @contextlib.contextmanager
     def device_lock(self, dev: str) -> Iterator[None]:
         """The device's critical section (chain check, store, rotation record), across
-        threads and processes: an exclusive flock on ``locks/<dev>.lock``."""
+        threads and processes: an exclusive flock on ``locks/<dev>.lock``; with the PostgreSQL
+        index also across machines: the device's advisory lock on that server. Raises
+        :class:`StoreError` when the advisory lock cannot be taken or was lost meanwhile."""
         if not DEVICE_ID_RE.match(dev):
             raise FormatError(f"device id {dev!r} is invalid (letters, digits, '_.-', max 63)")
-        with exclusive_lock(self.home.locks_dir / f"{dev}.lock"):
-            yield
+        shared = (self.shared_locks.hold(dev) if self.shared_locks is not None
+                  else contextlib.nullcontext())
+        try:
+            with exclusive_lock(self.home.locks_dir / f"{dev}.lock"), shared:
+                yield
+        except DeviceLockError as err:
+            raise StoreError(str(err)) from err
+
+    def close(self) -> None:
+        """Release the connections kept for the shared device locks."""
+        if self.shared_locks is not None:
+            self.shared_locks.close()
 
     # -- writing ---------------------------------------------------------------------------
 
