@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -48,7 +47,7 @@ from central.home import Home, Limits, make_dirs
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, FormatError, VerificationError
 from linerec_contract.protocol import DEVICE_ID_RE
-from linerec_contract.segment import SealedSegment
+from linerec_contract.segment import SealedSegment, SpooledSegment
 
 PutResult = Literal["stored", "duplicate"]
 MANIFEST_SUFFIX = ".manifest.json"
@@ -160,14 +159,15 @@ class Store:
                 f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
                 f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
             )
-            where = self.quarantine(
-                seg.device_id, seg.seq, (manifest_json, seg.payload), reason
+            payload: bytes | Path = (
+                seg.source.path if isinstance(seg, SpooledSegment) and seg.source else seg.payload
             )
+            where = self.quarantine(seg.device_id, seg.seq, (manifest_json, payload), reason)
             raise SegmentConflict(reason, where)
         try:
             # write_once is durable (fsync, or the S3 answer) before it returns. Promise
             # kept: the payload is whole before the manifest (the commit point) names it.
-            self._write_payload(ref, seg.payload)
+            self._write_payload(ref, seg)
             # Promise kept: once this returns the segment survives a power cut: ack may go.
             self.objects.write_once(ref.manifest_key, manifest_json)
         except ObjectExists as err:
@@ -179,54 +179,61 @@ class Store:
             ) from err
         return "stored"
 
-    def _write_payload(self, ref: StoredRef, payload: bytes) -> None:
-        """Write the payload, or keep the one a torn put of this very segment left behind
-        (write_once made it whole and durable); a different one is discarded: no manifest
-        names it and nothing acknowledged it."""
+    def _write_payload(self, ref: StoredRef, seg: SealedSegment) -> None:
+        """Write the payload (a spooled one streamed from its file), or keep the one a torn
+        put of this very segment left behind (write_once made it whole and durable); a
+        different one is discarded: no manifest names it and nothing acknowledged it."""
         if self.objects.exists(ref.payload_key):
-            left = self.objects.read(ref.payload_key)
-            if hashlib.sha256(left).digest() == hashlib.sha256(payload).digest():
+            if self.objects.sha256(ref.payload_key) == seg.payload_sha256:
                 return
             self.objects.discard_uncommitted(ref.payload_key)
-        self.objects.write_once(ref.payload_key, payload)
+        if isinstance(seg, SpooledSegment) and seg.source is not None:
+            src = seg.source
+            self.objects.write_once_file(ref.payload_key, src.path, src.size, src.sha256)
+        else:
+            self.objects.write_once(ref.payload_key, seg.payload)
 
     def _same_as_stored(self, ref: StoredRef, seg: SealedSegment) -> bool:
+        """Same signed manifest and same payload, compared by SHA-256 (the stored payload is
+        hashed block by block, never read whole)."""
         stored = self.objects.read(ref.manifest_key)
-        payload = self.objects.read(ref.payload_key)
-        if stored == seg.signed_manifest_json():
-            return hashlib.sha256(payload).digest() == hashlib.sha256(seg.payload).digest()
+        if stored != seg.signed_manifest_json():
+            try:
+                old = SealedSegment.from_parts(stored, b"")
+            except FormatError:
+                return False
+            if old.manifest_sha256 != seg.manifest_sha256 or old.signature != seg.signature:
+                return False
         try:
-            old = SealedSegment.from_parts(stored, payload)
-        except FormatError:
+            return self.objects.sha256(ref.payload_key) == seg.payload_sha256
+        except FileNotFoundError:
             return False
-        return bool(
-            old.manifest_sha256 == seg.manifest_sha256
-            and old.signature == seg.signature
-            and old.payload == seg.payload
-        )
 
     def quarantine(
         self,
         dev: str | None,
         seq: int | None,
-        blob_or_parts: bytes | tuple[bytes, bytes],
+        blob_or_parts: bytes | Path | tuple[bytes, bytes | Path],
         reason: str,
     ) -> Path:
         """Keep rejected bytes with a reason file, within the quarantine bounds; returns the
         entry's folder.
 
-        ``blob_or_parts`` is the raw message (``message.bin``) or (signed manifest JSON, payload).
+        ``blob_or_parts`` is the raw message (``message.bin``) or (signed manifest JSON, payload),
+        each as bytes or as a file copied block by block.
         Older entries are dropped to make room (see the module docstring).
         """
         safe_dev = dev if dev is not None and DEVICE_ID_RE.match(dev) else "_unknown"
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         seq_part = f"{seq:012d}" if seq is not None and seq >= 0 else "unknown"
         entry = self.home.quarantine_dir / safe_dev / f"{seq_part}-{stamp}-{uuid.uuid4().hex[:8]}"
+        files: dict[str, bytes | Path]
         if isinstance(blob_or_parts, tuple):
             files = {"manifest.json": blob_or_parts[0], "payload.age": blob_or_parts[1]}
         else:
             files = {"message.bin": blob_or_parts}
-        size = sum(len(data) for data in files.values())
+        size = sum(data.stat().st_size if isinstance(data, Path) else len(data)
+                   for data in files.values())
         lim = self.limits
         mib = 1024 * 1024
         cap = min(lim.quarantine_mb, lim.quarantine_device_mb) * mib
@@ -240,7 +247,10 @@ class Store:
             make_dirs(entry)
             # atomic_write fsyncs: quarantined evidence survives a power cut like stored segments.
             for name, data in files.items():
-                atomic_write(entry / name, data)
+                if isinstance(data, Path):
+                    _atomic_copy(data, entry / name)
+                else:
+                    atomic_write(entry / name, data)
             # Written last (fsynced by atomic_write): a reason file marks a complete entry.
             atomic_write(entry / "reason.txt", text.encode())
         self.counts["quarantined"] += 1
@@ -355,3 +365,14 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` block by block, fsynced, under a temporary name first."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+        fout.flush()
+        # Durability: quarantined evidence survives a power cut like stored segments.
+        os.fsync(fout.fileno())
+    os.rename(tmp, dst)
