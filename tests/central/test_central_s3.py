@@ -127,3 +127,41 @@ def test_torn_puts_on_s3(home: Home, box: Box, s3_server: S3Stand) -> None:
     # The discarded bytes stay under their retention, hidden behind a delete marker.
     assert [m["Key"] for m in versions.get("DeleteMarkers", [])] == ["box-1/000000000001.age"]
     assert store.load(DEVICE, 1).payload == segs[1].payload
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_spooled_segments_are_stored_compared_and_quarantined_from_their_files(
+        home: Home, box: Box, box_key: Any, s3_server: S3Stand, tmp_path: Path,
+        backend: str) -> None:
+    """A segment handed over as a file (joined MQTT chunks, an HTTPS body): stored streamed
+    from disk, a second copy answered "duplicate" by hash, a different one quarantined."""
+    if backend == "s3":
+        home.config_path.write_text(s3_server.toml(s3_server.bucket(object_lock=False)))
+    seg = box.seal_call("c1", known_signal(2400), 1)[0]
+    other = Box(DEVICE, box_key, home.recipients()).seal_call("c2", known_signal(900, seed=3),
+                                                             1)[0]
+    assert other.seq == seg.seq and other.payload != seg.payload
+
+    def spool(s: Any, name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(encode_wire(s))
+        return path
+
+    intake = SegmentIntake(home)
+    try:
+        results = []
+        for s, name in ((seg, "a.body"), (seg, "b.body"), (other, "c.body")):
+            outcome = intake.handle(segment_topic(DEVICE, s.seq), spool(s, name))
+            assert outcome.ack is not None and outcome.ack.sha256 == s.payload_sha256
+            results.append(outcome.ack.result)
+    finally:
+        intake.close()
+    assert results == ["stored", "duplicate", "rejected"]
+    assert not list(tmp_path.glob("*.payload")), "payload files are removed after the put"
+    store = Store(home)
+    assert store.load(DEVICE, seg.seq).payload == seg.payload
+    assert store.objects.sha256(store.ref(DEVICE, seg.seq).payload_key) == seg.payload_sha256
+    [entry] = store.quarantine_entries()
+    assert (entry / "payload.age").read_bytes() == other.payload
+    if backend == "filesystem":
+        assert store.ref(DEVICE, seg.seq).payload_path.stat().st_mode & 0o777 == 0o444
