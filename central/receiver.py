@@ -452,8 +452,8 @@ class SegmentIntake:
             if seq < MAX_SEQ:
                 nxt_ref = self.store.ref(dev, seq + 1)
                 if self.store.objects.exists(nxt_ref.manifest_key):
-                    nxt = self.store.load_ref(nxt_ref)
-                    if nxt.manifest.get("prev_manifest_sha256") != seg.manifest_sha256:
+                    nxt = self.store.manifest_of(nxt_ref)  # its payload is not read
+                    if nxt.get("prev_manifest_sha256") != seg.manifest_sha256:
                         raise Rejected(
                             f"chain break: stored seq {seq + 1} does not link to this segment"
                         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -39,11 +40,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from central.backends import ObjectExists, ObjectStore, index_config, open_object_store
 from central.devlock import DeviceLockError, PgDeviceLocks
 from central.home import Home, Limits, make_dirs
+from linerec_contract.canonical import canonical_json
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, FormatError, VerificationError
 from linerec_contract.protocol import DEVICE_ID_RE
@@ -154,10 +156,10 @@ class Store:
         if self.objects.exists(ref.manifest_key):
             if self._same_as_stored(ref, seg):
                 return "duplicate"
-            old = self.load(seg.device_id, seg.seq)
+            old_sha = self.manifest_sha256(seg.device_id, seg.seq)
             reason = (
                 f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
-                f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
+                f"sha256 {old_sha}; this one has {seg.manifest_sha256}"
             )
             payload: bytes | Path = (
                 seg.source.path if isinstance(seg, SpooledSegment) and seg.source else seg.payload
@@ -328,12 +330,29 @@ class Store:
     def load(self, dev: str, seq: int) -> SealedSegment:
         return self.load_ref(self.ref(dev, seq))
 
+    def manifest_of(self, ref: StoredRef) -> dict[str, Any]:
+        """The stored segment's manifest alone (its payload is not read), checked as
+        :meth:`load_ref` checks it."""
+        try:
+            signed = self.objects.read(ref.manifest_key)
+        except FileNotFoundError as err:
+            raise StoreError(
+                f"segment {ref.device_id}/{ref.seq} is not in the store ({err.filename} missing)"
+            ) from err
+        except OSError as err:
+            raise StoreError(f"cannot read {err.filename}: {err.strerror}") from err
+        try:
+            return SealedSegment.from_parts(signed, b"").manifest
+        except FormatError as err:
+            raise StoreError(f"{self.location(ref.manifest_key)}: {err}") from err
+
     def manifest_sha256(self, dev: str, seq: int) -> str | None:
-        """The stored segment's manifest hash, or None when (dev, seq) is not stored."""
+        """The stored segment's manifest hash, or None when (dev, seq) is not stored; the
+        payload is not read."""
         ref = self.ref(dev, seq)
         if not self.objects.exists(ref.manifest_key):
             return None
-        return str(self.load_ref(ref).manifest_sha256)
+        return hashlib.sha256(canonical_json(self.manifest_of(ref))).hexdigest()
 
     def devices(self) -> list[str]:
         return [name for name in self.objects.list_devices() if DEVICE_ID_RE.match(name)]

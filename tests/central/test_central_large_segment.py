@@ -41,11 +41,14 @@ def _noise(frames: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(-20000, 20000, frames, dtype=np.int16)
 
 
-def _small_and_large(box: Box) -> tuple[SealedSegment, SealedSegment]:
+def _small_large_small(box: Box) -> tuple[SealedSegment, SealedSegment, SealedSegment]:
+    """Seq 0 small (the reference), seq 1 large, seq 2 small: its chain check reads the large
+    segment's stored manifest, which must not pull in its payload."""
     small = box.seal_call("warm-up", _noise(2_000_000, 1), 1, codec="zstd-pcm")[0]
     large = box.seal_call("large", _noise(LARGE_FRAMES, 2), 1, codec="zstd-pcm")[0]
+    after = box.seal_call("after", _noise(800_000, 3), 1, codec="zstd-pcm")[0]
     assert len(large.payload) > 64 * MIB
-    return small, large
+    return small, large, after
 
 
 def _stored_and_verifies(home: Home, seg: SealedSegment) -> None:
@@ -64,7 +67,7 @@ def test_a_large_chunked_segment_over_mqtt_stays_within_a_few_chunks(
     home = init_home(tmp_path / "central")
     key = DeviceKey.generate()
     home.enroll(DEVICE, key.public_b64)
-    small, large = _small_and_large(Box(DEVICE, key, home.recipients()))
+    small, large, after = _small_large_small(Box(DEVICE, key, home.recipients()))
     broker = Broker(tmp_path / "broker", pki_)
     broker.start()
     receiver = ReceiverProcess(home.root, broker, "central", tmp_path)
@@ -75,8 +78,8 @@ def test_a_large_chunked_segment_over_mqtt_stays_within_a_few_chunks(
         box.send_all([small], ack_timeout_s=300, give_up_s=300)
         assert box.acked(small)
         reference = receiver.vm_hwm_kib() << 10
-        box.send_all([large], ack_timeout_s=300, give_up_s=300)
-        assert box.acked(large) and box.acks[large.seq].result == "stored"
+        box.send_all([large, after], ack_timeout_s=300, give_up_s=300)
+        assert [box.acks[s.seq].result for s in (large, after)] == ["stored", "stored"]
         peak = receiver.vm_hwm_kib() << 10
     finally:
         if box is not None:
@@ -94,13 +97,15 @@ def test_a_large_chunked_segment_over_mqtt_stays_within_a_few_chunks(
 
 def test_a_large_segment_over_https_is_verified_from_its_spool_file(
         intake: Intake, box: Box, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
-    small, large = _small_and_large(box)
+    small, large, after = _small_large_small(box)
     status, body = intake.put(DEVICE, f"/v1/{DEVICE}/seg/{small.seq}", encode_wire(small))
     assert status == 200 and Ack.decode(body).result == "stored"
     reference = vm_kib(intake.proc.pid, "VmHWM") << 10
     blob = encode_wire(large)
     status, body = intake.put(DEVICE, f"/v1/{DEVICE}/seg/{large.seq}", blob, timeout=300)
     del blob
+    assert status == 200 and Ack.decode(body).result == "stored", body
+    status, body = intake.put(DEVICE, f"/v1/{DEVICE}/seg/{after.seq}", encode_wire(after))
     assert status == 200 and Ack.decode(body).result == "stored", body
     peak = vm_kib(intake.proc.pid, "VmHWM") << 10
     with capsys.disabled():
