@@ -165,3 +165,42 @@ def test_spooled_segments_are_stored_compared_and_quarantined_from_their_files(
     assert (entry / "payload.age").read_bytes() == other.payload
     if backend == "filesystem":
         assert store.ref(DEVICE, seg.seq).payload_path.stat().st_mode & 0o777 == 0o444
+
+
+def test_s3_streams_a_large_payload_file_up_and_hashes_it_back_in_blocks(
+        home: Home, s3_server: S3Stand, tmp_path: Path) -> None:
+    """write_once_file and sha256 of a 64 MiB object in a process of their own: its peak
+    memory grows by a few blocks, not by the object (read from /proc VmHWM)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    home.config_path.write_text(s3_server.toml(s3_server.bucket(object_lock=False)))
+    data = tmp_path / "payload.age"
+    with data.open("wb") as fh:
+        for _ in range(64):
+            fh.write(os.urandom(1 << 20))
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    script = (
+        "import re, sys; from pathlib import Path\n"
+        "from central.backends import open_object_store\n"
+        "def hwm():\n"
+        "    text = Path('/proc/self/status').read_text()\n"
+        "    return int(re.search(r'^VmHWM:\\s+(\\d+)', text, re.M).group(1)) << 10\n"
+        f"objects = open_object_store(Path({str(home.config_path)!r}), Path('store'))\n"
+        "objects.exists('box-1/warm-up')\n"
+        "before = hwm()\n"
+        f"objects.write_once_file('box-1/000000000001.age', Path({str(data)!r}), "
+        f"{data.stat().st_size}, {sha!r})\n"
+        "got = objects.sha256('box-1/000000000001.age')\n"
+        "print(before, hwm(), got)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, peak, got = done.stdout.split()
+    print(f"S3 streamed upload + hash of 64 MiB: VmHWM {int(before) >> 20} -> "
+          f"{int(peak) >> 20} MiB")
+    assert got == sha
+    assert int(peak) - int(before) < 16 << 20, (before, peak)
