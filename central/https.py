@@ -284,22 +284,22 @@ class IntakeApp:
     async def _store(self, dev: str, seq: int, body: Path) -> Outcome | Exception:
         if self._one_at_a_time is None:
             self._one_at_a_time = asyncio.Semaphore(1)
-        # One segment in memory at a time, whatever the number of uploads in flight.
+        # One segment verified and stored at a time, whatever the number of uploads in flight.
         async with self._one_at_a_time:
             return await asyncio.get_running_loop().run_in_executor(
                 None, self._store_sync, dev, seq, body)
 
     def _store_sync(self, dev: str, seq: int, body: Path) -> Outcome | Exception:
         topic = segment_topic(dev, seq)
-        data = body.read_bytes()
         try:
-            return self.intake.handle(topic, data)
+            # The body stays on disk: its payload is hashed and stored block by block.
+            return self.intake.handle(topic, body)
         except (OSError, StoreError, IndexDbError) as err:
             log.error("cannot store %s/%d: %s; answered 503", dev, seq, err)
             return err
         except Exception as err:  # noqa: BLE001 - a bug must not stall the box behind it
             log.exception("unexpected error on %s/%d; rejecting it", dev, seq)
-            fallback = self.intake._reject_after_bug(topic, data, err)
+            fallback = self.intake._reject_after_bug(topic, body, err)
             return err if fallback is None else fallback
 
     async def _send_outcome(self, send: Send, dev: str, seq: int,

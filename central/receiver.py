@@ -61,7 +61,12 @@ from linerec_contract.protocol import (
     shared,
     topic_device,
 )
-from linerec_contract.segment import SealedSegment, decode_wire, read_wire_file
+from linerec_contract.segment import (
+    COPY_BLOCK,
+    SealedSegment,
+    decode_wire,
+    spool_wire_file,
+)
 from linerec_contract.tls import tls_context
 from linerec_contract.trust import UntrustedKey
 from linerec_contract.verify import verify_trusted
@@ -302,8 +307,9 @@ class SegmentIntake:
         self._kill_countdown = _kill_after_store_countdown()
 
     def handle(self, topic: str, payload: bytes | Path) -> Outcome:
-        """Verify, store and index one message (its bytes, or a file holding them, read with
-        the payload in memory once); returns the ack to publish. Never raises for a bad
+        """Verify, store and index one message (its bytes, or a file holding them: then the
+        payload is hashed, copied and stored block by block, never whole in memory); returns
+        the ack to publish. Never raises for a bad
         message; raises OSError/StoreError/IndexDbError when central cannot write."""
         with self._handle_lock:
             try:
@@ -320,6 +326,7 @@ class SegmentIntake:
             if self.index is not None:
                 self.index.close()
                 self.index = None
+            self.store.close()
 
     def enrolled(self, topic: str) -> str:
         """The enrolled device a message's topic names; :class:`Refused` otherwise."""
@@ -338,13 +345,21 @@ class SegmentIntake:
     # -- the verification pipeline (no transport here; tests call it directly too) ----------
 
     def _handle(self, topic: str, payload: bytes | Path) -> Outcome:
+        spooled = payload.with_name(payload.name + ".payload") if isinstance(payload, Path) else None
+        try:
+            return self._handle_spooled(topic, payload, spooled)
+        finally:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)  # stored by now (linked or copied), or not
+
+    def _handle_spooled(self, topic: str, payload: bytes | Path, spooled: Path | None) -> Outcome:
         self.enrolled(topic)
         try:
             dev, seq = parse_segment_topic(topic)
         except FormatError as err:
             raise Refused("malformed", str(err)) from err
         try:
-            seg = self._decode(dev, seq, payload)
+            seg = self._decode(dev, seq, payload, spooled)
             with self.store.device_lock(dev):
                 self._verify(seg)
                 try:
@@ -374,12 +389,8 @@ class SegmentIntake:
         return Outcome(Ack(seq, seg.payload_sha256, result), dev, detail)
 
     def _reject(self, dev: str, seq: int, payload: bytes | Path, reason: str) -> Outcome:
-        raw = payload.read_bytes() if isinstance(payload, Path) else payload
-        where = self.store.quarantine(dev, seq, raw, reason)
-        try:
-            sha = str(decode_wire(raw).payload_sha256)
-        except FormatError:
-            sha = hashlib.sha256(raw).hexdigest()
+        where = self.store.quarantine(dev, seq, payload, reason)
+        sha = _payload_sha256(payload)
         ack = Ack(seq, sha, "rejected", reason)
         return Outcome(ack, dev, f"rejected: {reason} (quarantined in {where.name})")
 
@@ -394,9 +405,15 @@ class SegmentIntake:
         except (FormatError, OSError):
             return None
 
-    def _decode(self, dev: str, seq: int, payload: bytes | Path) -> SealedSegment:
+    def _decode(self, dev: str, seq: int, payload: bytes | Path,
+                spooled: Path | None) -> SealedSegment:
         try:
-            seg = read_wire_file(payload) if isinstance(payload, Path) else decode_wire(payload)
+            if isinstance(payload, Path):
+                if spooled is not None:
+                    spooled.unlink(missing_ok=True)  # left by a receiver killed meanwhile
+                seg: SealedSegment = spool_wire_file(payload, spooled)
+            else:
+                seg = decode_wire(payload)
         except FormatError as err:
             raise Rejected(f"malformed segment: {err}") from err
         try:
@@ -435,13 +452,31 @@ class SegmentIntake:
             if seq < MAX_SEQ:
                 nxt_ref = self.store.ref(dev, seq + 1)
                 if self.store.objects.exists(nxt_ref.manifest_key):
-                    nxt = self.store.load_ref(nxt_ref)
-                    if nxt.manifest.get("prev_manifest_sha256") != seg.manifest_sha256:
+                    nxt = self.store.manifest_of(nxt_ref)  # its payload is not read
+                    if nxt.get("prev_manifest_sha256") != seg.manifest_sha256:
                         raise Rejected(
                             f"chain break: stored seq {seq + 1} does not link to this segment"
                         )
         except StoreError as err:
             raise Rejected(f"cannot check the chain: {err}") from err
+
+
+def _payload_sha256(payload: bytes | Path) -> str:
+    """The SHA-256 a rejection ack names: of the segment's payload, or of the whole message
+    when it is no segment; a file is read block by block."""
+    try:
+        if isinstance(payload, Path):
+            return spool_wire_file(payload, None).payload_sha256
+        return str(decode_wire(payload).payload_sha256)
+    except FormatError:
+        pass
+    if not isinstance(payload, Path):
+        return hashlib.sha256(payload).hexdigest()
+    digest = hashlib.sha256()
+    with payload.open("rb") as fh:
+        while block := fh.read(COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Receiver(SegmentIntake):

@@ -19,7 +19,9 @@ rejected messages.
 
 Chain check and store are one critical section per device: :meth:`Store.device_lock` takes an
 exclusive ``flock`` on ``locks/<dev>.lock``, which holds across threads and across the receiver
-processes sharing this home. A payload without a manifest is the torn tail of an interrupted
+processes sharing this home. With the PostgreSQL index (receivers on several machines, each with
+its own home) it also takes the device's PostgreSQL advisory lock (:mod:`central.devlock`),
+which holds across machines. A payload without a manifest is the torn tail of an interrupted
 ``put``: the next ``put`` of that segment keeps it when it is the same payload and otherwise
 discards it and writes its own (nothing was acknowledged for it).
 """
@@ -38,14 +40,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from central.backends import ObjectExists, ObjectStore, open_object_store
+from central.backends import ObjectExists, ObjectStore, index_config, open_object_store
+from central.devlock import DeviceLockError, PgDeviceLocks
 from central.home import Home, Limits, make_dirs
+from linerec_contract.canonical import canonical_json
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, FormatError, VerificationError
 from linerec_contract.protocol import DEVICE_ID_RE
-from linerec_contract.segment import SealedSegment
+from linerec_contract.segment import SealedSegment, SpooledSegment
 
 PutResult = Literal["stored", "duplicate"]
 MANIFEST_SUFFIX = ".manifest.json"
@@ -89,6 +93,9 @@ class Store:
         self.objects = objects or open_object_store(home.config_path, home.store_dir)
         self.limits = limits if limits is not None else home.config().limits
         self.counts = {"quarantined": 0, "quarantine_dropped": 0, "quarantine_truncated": 0}
+        index = index_config(home.config_path)
+        self.shared_locks = (PgDeviceLocks(index.dsn)
+                             if index.backend == "postgresql" and index.dsn else None)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -113,11 +120,23 @@ class Store:
     @contextlib.contextmanager
     def device_lock(self, dev: str) -> Iterator[None]:
         """The device's critical section (chain check, store, rotation record), across
-        threads and processes: an exclusive flock on ``locks/<dev>.lock``."""
+        threads and processes: an exclusive flock on ``locks/<dev>.lock``; with the PostgreSQL
+        index also across machines: the device's advisory lock on that server. Raises
+        :class:`StoreError` when the advisory lock cannot be taken or was lost meanwhile."""
         if not DEVICE_ID_RE.match(dev):
             raise FormatError(f"device id {dev!r} is invalid (letters, digits, '_.-', max 63)")
-        with exclusive_lock(self.home.locks_dir / f"{dev}.lock"):
-            yield
+        shared = (self.shared_locks.hold(dev) if self.shared_locks is not None
+                  else contextlib.nullcontext())
+        try:
+            with exclusive_lock(self.home.locks_dir / f"{dev}.lock"), shared:
+                yield
+        except DeviceLockError as err:
+            raise StoreError(str(err)) from err
+
+    def close(self) -> None:
+        """Release the connections kept for the shared device locks."""
+        if self.shared_locks is not None:
+            self.shared_locks.close()
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -137,19 +156,20 @@ class Store:
         if self.objects.exists(ref.manifest_key):
             if self._same_as_stored(ref, seg):
                 return "duplicate"
-            old = self.load(seg.device_id, seg.seq)
+            old_sha = self.manifest_sha256(seg.device_id, seg.seq)
             reason = (
                 f"conflict: {seg.device_id} seq {seg.seq} is already stored with manifest "
-                f"sha256 {old.manifest_sha256}; this one has {seg.manifest_sha256}"
+                f"sha256 {old_sha}; this one has {seg.manifest_sha256}"
             )
-            where = self.quarantine(
-                seg.device_id, seg.seq, (manifest_json, seg.payload), reason
+            payload: bytes | Path = (
+                seg.source.path if isinstance(seg, SpooledSegment) and seg.source else seg.payload
             )
+            where = self.quarantine(seg.device_id, seg.seq, (manifest_json, payload), reason)
             raise SegmentConflict(reason, where)
         try:
             # write_once is durable (fsync, or the S3 answer) before it returns. Promise
             # kept: the payload is whole before the manifest (the commit point) names it.
-            self._write_payload(ref, seg.payload)
+            self._write_payload(ref, seg)
             # Promise kept: once this returns the segment survives a power cut: ack may go.
             self.objects.write_once(ref.manifest_key, manifest_json)
         except ObjectExists as err:
@@ -161,54 +181,61 @@ class Store:
             ) from err
         return "stored"
 
-    def _write_payload(self, ref: StoredRef, payload: bytes) -> None:
-        """Write the payload, or keep the one a torn put of this very segment left behind
-        (write_once made it whole and durable); a different one is discarded: no manifest
-        names it and nothing acknowledged it."""
+    def _write_payload(self, ref: StoredRef, seg: SealedSegment) -> None:
+        """Write the payload (a spooled one streamed from its file), or keep the one a torn
+        put of this very segment left behind (write_once made it whole and durable); a
+        different one is discarded: no manifest names it and nothing acknowledged it."""
         if self.objects.exists(ref.payload_key):
-            left = self.objects.read(ref.payload_key)
-            if hashlib.sha256(left).digest() == hashlib.sha256(payload).digest():
+            if self.objects.sha256(ref.payload_key) == seg.payload_sha256:
                 return
             self.objects.discard_uncommitted(ref.payload_key)
-        self.objects.write_once(ref.payload_key, payload)
+        if isinstance(seg, SpooledSegment) and seg.source is not None:
+            src = seg.source
+            self.objects.write_once_file(ref.payload_key, src.path, src.size, src.sha256)
+        else:
+            self.objects.write_once(ref.payload_key, seg.payload)
 
     def _same_as_stored(self, ref: StoredRef, seg: SealedSegment) -> bool:
+        """Same signed manifest and same payload, compared by SHA-256 (the stored payload is
+        hashed block by block, never read whole)."""
         stored = self.objects.read(ref.manifest_key)
-        payload = self.objects.read(ref.payload_key)
-        if stored == seg.signed_manifest_json():
-            return hashlib.sha256(payload).digest() == hashlib.sha256(seg.payload).digest()
+        if stored != seg.signed_manifest_json():
+            try:
+                old = SealedSegment.from_parts(stored, b"")
+            except FormatError:
+                return False
+            if old.manifest_sha256 != seg.manifest_sha256 or old.signature != seg.signature:
+                return False
         try:
-            old = SealedSegment.from_parts(stored, payload)
-        except FormatError:
+            return self.objects.sha256(ref.payload_key) == seg.payload_sha256
+        except FileNotFoundError:
             return False
-        return bool(
-            old.manifest_sha256 == seg.manifest_sha256
-            and old.signature == seg.signature
-            and old.payload == seg.payload
-        )
 
     def quarantine(
         self,
         dev: str | None,
         seq: int | None,
-        blob_or_parts: bytes | tuple[bytes, bytes],
+        blob_or_parts: bytes | Path | tuple[bytes, bytes | Path],
         reason: str,
     ) -> Path:
         """Keep rejected bytes with a reason file, within the quarantine bounds; returns the
         entry's folder.
 
-        ``blob_or_parts`` is the raw message (``message.bin``) or (signed manifest JSON, payload).
+        ``blob_or_parts`` is the raw message (``message.bin``) or (signed manifest JSON, payload),
+        each as bytes or as a file copied block by block.
         Older entries are dropped to make room (see the module docstring).
         """
         safe_dev = dev if dev is not None and DEVICE_ID_RE.match(dev) else "_unknown"
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         seq_part = f"{seq:012d}" if seq is not None and seq >= 0 else "unknown"
         entry = self.home.quarantine_dir / safe_dev / f"{seq_part}-{stamp}-{uuid.uuid4().hex[:8]}"
+        files: dict[str, bytes | Path]
         if isinstance(blob_or_parts, tuple):
             files = {"manifest.json": blob_or_parts[0], "payload.age": blob_or_parts[1]}
         else:
             files = {"message.bin": blob_or_parts}
-        size = sum(len(data) for data in files.values())
+        size = sum(data.stat().st_size if isinstance(data, Path) else len(data)
+                   for data in files.values())
         lim = self.limits
         mib = 1024 * 1024
         cap = min(lim.quarantine_mb, lim.quarantine_device_mb) * mib
@@ -222,7 +249,10 @@ class Store:
             make_dirs(entry)
             # atomic_write fsyncs: quarantined evidence survives a power cut like stored segments.
             for name, data in files.items():
-                atomic_write(entry / name, data)
+                if isinstance(data, Path):
+                    _atomic_copy(data, entry / name)
+                else:
+                    atomic_write(entry / name, data)
             # Written last (fsynced by atomic_write): a reason file marks a complete entry.
             atomic_write(entry / "reason.txt", text.encode())
         self.counts["quarantined"] += 1
@@ -300,12 +330,29 @@ class Store:
     def load(self, dev: str, seq: int) -> SealedSegment:
         return self.load_ref(self.ref(dev, seq))
 
+    def manifest_of(self, ref: StoredRef) -> dict[str, Any]:
+        """The stored segment's manifest alone (its payload is not read), checked as
+        :meth:`load_ref` checks it."""
+        try:
+            signed = self.objects.read(ref.manifest_key)
+        except FileNotFoundError as err:
+            raise StoreError(
+                f"segment {ref.device_id}/{ref.seq} is not in the store ({err.filename} missing)"
+            ) from err
+        except OSError as err:
+            raise StoreError(f"cannot read {err.filename}: {err.strerror}") from err
+        try:
+            return SealedSegment.from_parts(signed, b"").manifest
+        except FormatError as err:
+            raise StoreError(f"{self.location(ref.manifest_key)}: {err}") from err
+
     def manifest_sha256(self, dev: str, seq: int) -> str | None:
-        """The stored segment's manifest hash, or None when (dev, seq) is not stored."""
+        """The stored segment's manifest hash, or None when (dev, seq) is not stored; the
+        payload is not read."""
         ref = self.ref(dev, seq)
         if not self.objects.exists(ref.manifest_key):
             return None
-        return str(self.load_ref(ref).manifest_sha256)
+        return hashlib.sha256(canonical_json(self.manifest_of(ref))).hexdigest()
 
     def devices(self) -> list[str]:
         return [name for name in self.objects.list_devices() if DEVICE_ID_RE.match(name)]
@@ -337,3 +384,14 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` block by block, fsynced, under a temporary name first."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+        fout.flush()
+        # Durability: quarantined evidence survives a power cut like stored segments.
+        os.fsync(fout.fileno())
+    os.rename(tmp, dst)

@@ -86,6 +86,10 @@ class SealedSegment:
     def payload_sha256(self) -> str:
         return hashlib.sha256(self.payload).hexdigest()
 
+    @property
+    def payload_size(self) -> int:
+        return len(self.payload)
+
     def signed_manifest_json(self) -> bytes:
         """Canonical ``{"manifest": {...}, "signature": "<base64>"}`` as stored at central."""
         signature = base64.b64encode(self.signature).decode("ascii")
@@ -263,6 +267,77 @@ def read_wire_file(path: Path) -> SealedSegment:
     if len(signed) != mlen or len(payload) != plen:
         raise FormatError(f"{path.name}: segment file changed while it was read")
     return SealedSegment.from_parts(signed, payload)
+
+
+COPY_BLOCK = 1024 * 1024  # bytes held at once while a payload is copied and hashed
+
+
+@dataclass(frozen=True)
+class PayloadFile:
+    """A payload kept in a file of its own (durable: fsynced), with its measured SHA-256."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SpooledSegment(SealedSegment):
+    """A segment whose payload stays on disk (``source``): ``payload`` is empty and never
+    used; ``payload_sha256`` and ``payload_size`` are measured from the file."""
+
+    source: PayloadFile | None = None
+
+    @functools.cached_property
+    def payload_sha256(self) -> str:
+        return self._source.sha256
+
+    @property
+    def payload_size(self) -> int:
+        return self._source.size
+
+    @property
+    def _source(self) -> PayloadFile:
+        if self.source is None:
+            raise FormatError("spooled segment without its payload file")
+        return self.source
+
+
+def spool_wire_file(path: Path, payload_out: Path | None) -> SpooledSegment:
+    """Parse a wire file's header and signed manifest; hash its payload block by block
+    (:data:`COPY_BLOCK` bytes at a time, never whole in memory), copying it to
+    ``payload_out`` (fsynced) when given. FormatError as :func:`decode_wire`."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mlen, plen = _check_header(fh.read(WIRE_HEADER.size), size)
+        signed = fh.read(mlen)
+        if len(signed) != mlen:
+            raise FormatError(f"{path.name}: segment file changed while it was read")
+        seg = SealedSegment.from_parts(signed, b"")
+        out = payload_out.open("xb") if payload_out is not None else None
+        try:
+            left = plen
+            while left:
+                block = fh.read(min(COPY_BLOCK, left))
+                if not block:
+                    raise FormatError(f"{path.name}: segment file changed while it was read")
+                digest.update(block)
+                if out is not None:
+                    out.write(block)
+                left -= len(block)
+            if out is not None:
+                out.flush()
+                # Durability: the payload file may become the stored object (linked), so it
+                # is on disk before the store names it.
+                os.fsync(out.fileno())
+        finally:
+            if out is not None:
+                out.close()
+    source = PayloadFile(payload_out if payload_out is not None else path, plen,
+                         digest.hexdigest())
+    return SpooledSegment(manifest=seg.manifest, signature=seg.signature, payload=b"",
+                          source=source)
 
 
 def decode_wire(data: bytes) -> SealedSegment:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,7 +63,8 @@ def _check_signature(seg: SealedSegment, public_b64: str) -> None:
 
 
 def _check_payload(seg: SealedSegment) -> None:
-    check_payload_digest(seg, len(seg.payload), hashlib.sha256(seg.payload).hexdigest())
+    # A spooled segment's payload was hashed from its file (payload_sha256 measures it).
+    check_payload_digest(seg, seg.payload_size, seg.payload_sha256)
 
 
 def verify_manifest(seg: SealedSegment, public_b64: str) -> None:

@@ -56,6 +56,13 @@ class ObjectStore(Protocol):
     def write_once(self, key: str, data: bytes) -> None:
         """Store ``data`` durably under ``key``; :class:`ObjectExists` when the key is taken."""
 
+    def write_once_file(self, key: str, source: Path, size: int, sha256: str) -> None:
+        """:meth:`write_once` of a file's ``size`` bytes (SHA-256 ``sha256``, hex), streamed
+        from disk, never whole in memory; ``source`` may be consumed (linked) by the store."""
+
+    def sha256(self, key: str) -> str:
+        """The object's SHA-256 (hex), read block by block; FileNotFoundError when absent."""
+
     def discard_uncommitted(self, key: str) -> None:
         """Remove ``key`` if present: only for a payload no manifest names yet (a torn put)."""
 

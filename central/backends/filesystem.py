@@ -8,12 +8,16 @@ overwritten, not even by a racing receiver process. The folder is fsynced after 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from central.backends import ObjectExists
 from central.home import make_dirs
 from linerec_contract.durable import tmp_name
+from linerec_contract.segment import COPY_BLOCK
 
 READ_ONLY = 0o444
 
@@ -26,6 +30,26 @@ class FsObjectStore:
         return self.root / key
 
     def write_once(self, key: str, data: bytes) -> None:
+        self._write(key, [data])
+
+    def write_once_file(self, key: str, source: Path, size: int, sha256: str) -> None:
+        """Link ``source`` (fsynced by its writer) to the key when both are on one
+        filesystem; copy it block by block otherwise."""
+        path = self.path(key)
+        make_dirs(path.parent)
+        os.chmod(source, READ_ONLY)
+        try:
+            os.link(source, path)
+        except FileExistsError as err:
+            raise ObjectExists(key) from err
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            self._write(key, _blocks(source))
+            return
+        self._sync_dir(path)
+
+    def _write(self, key: str, blocks: Iterable[bytes]) -> None:
         path = self.path(key)
         make_dirs(path.parent)
         # The store writes a key only under its per-device lock, so one temporary name per key
@@ -35,9 +59,10 @@ class FsObjectStore:
             os.unlink(tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, READ_ONLY)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for data in blocks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             # Durability: the bytes are on disk before the link makes the object visible.
             os.fsync(fd)
         except BaseException:
@@ -53,6 +78,10 @@ class FsObjectStore:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        self._sync_dir(path)
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
         # Durability: the new name survives a power cut only once the folder is synced.
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -66,6 +95,12 @@ class FsObjectStore:
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        for block in _blocks(self.path(key)):
+            digest.update(block)
+        return digest.hexdigest()
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
@@ -83,3 +118,10 @@ class FsObjectStore:
 
     def location(self, key: str) -> str:
         return f"{self.root.name}/{key}"
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, :data:`COPY_BLOCK` at a time."""
+    with path.open("rb") as fh:
+        while block := fh.read(COPY_BLOCK):
+            yield block

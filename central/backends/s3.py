@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -25,6 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from central.backends import ObjectExists, StorageConfig
 from linerec_contract.errors import ConfigError
+from linerec_contract.segment import COPY_BLOCK
 
 log = logging.getLogger("central.backends.s3")
 
@@ -81,13 +83,37 @@ class S3ObjectStore:
         return self.prefix + key
 
     def write_once(self, key: str, data: bytes) -> None:
+        self._put(key, data, len(data), hashlib.sha256(data).hexdigest())
+
+    def write_once_file(self, key: str, source: Path, size: int, sha256: str) -> None:
+        """Streamed from the open file (botocore sends it in small blocks), with the
+        SHA-256 measured while it was spooled: S3 refuses the upload when they differ."""
+        with source.open("rb") as fh:
+            self._put(key, fh, size, sha256)
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            for block in answer["Body"].iter_chunks(COPY_BLOCK):
+                digest.update(block)
+        except ClientError as err:
+            if _code(err) in _MISSING:
+                raise FileNotFoundError(2, "no such object", self.location(key)) from err
+            raise S3Error(f"{self.location(key)}: cannot read: {err}") from err
+        except BotoCoreError as err:
+            raise S3Error(f"s3://{self.bucket}: cannot reach the object store: {err}") from err
+        return digest.hexdigest()
+
+    def _put(self, key: str, body: Any, size: int, sha256: str) -> None:
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(key),
-            "Body": data,
+            "Body": body,
+            "ContentLength": size,
             "IfNoneMatch": "*",
             "ChecksumAlgorithm": "SHA256",
-            "ChecksumSHA256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
+            "ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256)).decode(),
         }
         if self.object_lock:
             until = dt.datetime.now(dt.UTC) + dt.timedelta(days=self.cfg.retention_days)

@@ -127,3 +127,80 @@ def test_torn_puts_on_s3(home: Home, box: Box, s3_server: S3Stand) -> None:
     # The discarded bytes stay under their retention, hidden behind a delete marker.
     assert [m["Key"] for m in versions.get("DeleteMarkers", [])] == ["box-1/000000000001.age"]
     assert store.load(DEVICE, 1).payload == segs[1].payload
+
+
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
+def test_spooled_segments_are_stored_compared_and_quarantined_from_their_files(
+        home: Home, box: Box, box_key: Any, s3_server: S3Stand, tmp_path: Path,
+        backend: str) -> None:
+    """A segment handed over as a file (joined MQTT chunks, an HTTPS body): stored streamed
+    from disk, a second copy answered "duplicate" by hash, a different one quarantined."""
+    if backend == "s3":
+        home.config_path.write_text(s3_server.toml(s3_server.bucket(object_lock=False)))
+    seg = box.seal_call("c1", known_signal(2400), 1)[0]
+    other = Box(DEVICE, box_key, home.recipients()).seal_call("c2", known_signal(900, seed=3),
+                                                             1)[0]
+    assert other.seq == seg.seq and other.payload != seg.payload
+
+    def spool(s: Any, name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(encode_wire(s))
+        return path
+
+    intake = SegmentIntake(home)
+    try:
+        results = []
+        for s, name in ((seg, "a.body"), (seg, "b.body"), (other, "c.body")):
+            outcome = intake.handle(segment_topic(DEVICE, s.seq), spool(s, name))
+            assert outcome.ack is not None and outcome.ack.sha256 == s.payload_sha256
+            results.append(outcome.ack.result)
+    finally:
+        intake.close()
+    assert results == ["stored", "duplicate", "rejected"]
+    assert not list(tmp_path.glob("*.payload")), "payload files are removed after the put"
+    store = Store(home)
+    assert store.load(DEVICE, seg.seq).payload == seg.payload
+    assert store.objects.sha256(store.ref(DEVICE, seg.seq).payload_key) == seg.payload_sha256
+    [entry] = store.quarantine_entries()
+    assert (entry / "payload.age").read_bytes() == other.payload
+    if backend == "filesystem":
+        assert store.ref(DEVICE, seg.seq).payload_path.stat().st_mode & 0o777 == 0o444
+
+
+def test_s3_streams_a_large_payload_file_up_and_hashes_it_back_in_blocks(
+        home: Home, s3_server: S3Stand, tmp_path: Path) -> None:
+    """write_once_file and sha256 of a 64 MiB object in a process of their own: its peak
+    memory grows by a few blocks, not by the object (read from /proc VmHWM)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    home.config_path.write_text(s3_server.toml(s3_server.bucket(object_lock=False)))
+    data = tmp_path / "payload.age"
+    with data.open("wb") as fh:
+        for _ in range(64):
+            fh.write(os.urandom(1 << 20))
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    script = (
+        "import re, sys; from pathlib import Path\n"
+        "from central.backends import open_object_store\n"
+        "def hwm():\n"
+        "    text = Path('/proc/self/status').read_text()\n"
+        "    return int(re.search(r'^VmHWM:\\s+(\\d+)', text, re.M).group(1)) << 10\n"
+        f"objects = open_object_store(Path({str(home.config_path)!r}), Path('store'))\n"
+        "objects.exists('box-1/warm-up')\n"
+        "before = hwm()\n"
+        f"objects.write_once_file('box-1/000000000001.age', Path({str(data)!r}), "
+        f"{data.stat().st_size}, {sha!r})\n"
+        "got = objects.sha256('box-1/000000000001.age')\n"
+        "print(before, hwm(), got)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, peak, got = done.stdout.split()
+    print(f"S3 streamed upload + hash of 64 MiB: VmHWM {int(before) >> 20} -> "
+          f"{int(peak) >> 20} MiB")
+    assert got == sha
+    assert int(peak) - int(before) < 16 << 20, (before, peak)

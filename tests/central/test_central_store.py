@@ -189,3 +189,46 @@ def test_quarantine_is_bounded_per_device_and_in_total(home) -> None:
     assert [p.name for p in big.iterdir()] == ["reason.txt"]
     assert "not kept" in (big / "reason.txt").read_text()
     assert store.quarantine_bytes() <= 1024 * 1024
+
+
+def test_a_payload_file_is_linked_into_the_store_or_copied_across_filesystems(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same filesystem: the spooled payload file becomes the stored object (one inode, no
+    copy). Another filesystem (link fails with EXDEV, simulated: the test has one filesystem):
+    copied block by block. Either way read-only and never replaced."""
+    import hashlib
+
+    from central.backends import ObjectExists
+    from central.backends.filesystem import FsObjectStore
+
+    objects = FsObjectStore(tmp_path / "store")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    linked = tmp_path / "a.payload"
+    linked.write_bytes(data)
+    objects.write_once_file("box-1/000000000001.age", linked, len(data), sha)
+    stored = objects.path("box-1/000000000001.age")
+    assert stored.stat().st_ino == linked.stat().st_ino
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o444
+
+    real_link = os.link
+    crossed = []
+
+    def link(src: object, dst: object, **kw: object) -> None:
+        if str(src).endswith(".payload"):
+            crossed.append(src)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    copied = tmp_path / "b.payload"
+    copied.write_bytes(data)
+    monkeypatch.setattr(os, "link", link)
+    objects.write_once_file("box-1/000000000002.age", copied, len(data), sha)
+    monkeypatch.undo()
+    assert crossed, "the cross-filesystem path was not taken"
+    second = objects.path("box-1/000000000002.age")
+    assert second.stat().st_ino != copied.stat().st_ino and second.read_bytes() == data
+    assert objects.sha256("box-1/000000000002.age") == sha
+    assert stat.S_IMODE(second.stat().st_mode) == 0o444
+    with pytest.raises(ObjectExists):
+        objects.write_once_file("box-1/000000000001.age", copied, len(data), sha)
