@@ -24,6 +24,7 @@ from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
 from central.store import Store, StoreError
+from central.web import cli as web_cli
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
 from linerec_contract.segment import SealedSegment
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
+    web_cli.add_parsers(sub)
     return parser
 
 
@@ -452,6 +454,8 @@ COMMANDS = {
     "export": cmd_export,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
+    "web": web_cli.cmd_web,
+    "users": web_cli.cmd_users,
 }
 
 

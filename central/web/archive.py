@@ -1,0 +1,196 @@
+"""What the web pages read from the archive: calls, one call's parts and proof, its decoded audio.
+
+One function per question, shared by the HTML pages and their JSON twins under ``/api/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from central.home import Home
+from central.index import open_index
+from central.store import Store, StoreError
+from linerec_contract.durable import atomic_write
+from linerec_contract.errors import FormatError, UsageError, VerificationError
+from linerec_contract.verify import open_segment_audio, open_segment_sensitive, verify_trusted
+
+CACHE_DIR = "web/audio-cache"
+_SAFE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def iso(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def parse_time(name: str, text: str) -> int:
+    """An ISO date/time (UTC unless it names a zone) as ns since the epoch."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as err:
+        raise UsageError(f"{name} {text!r} is not an ISO date/time (e.g. 2024-05-01T08:00Z)") from err
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1e9)
+
+
+@dataclass(frozen=True)
+class CallFilter:
+    """The filters of ``appliance-central calls``, as the web pages take them."""
+
+    device: str | None = None
+    line: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    @classmethod
+    def from_query(cls, query: Any) -> CallFilter:
+        unknown = set(query.keys()) - {"device", "line", "since", "until"}
+        if unknown:
+            raise UsageError(f"unknown filter {sorted(unknown)[0]!r} (accepted: device, line, since, until)")
+        names = ("device", "line", "since", "until")
+        values: dict[str, str | None] = {k: (query.get(k) or "").strip() or None for k in names}
+        for key in ("since", "until"):
+            text = values[key]
+            if text is not None:
+                parse_time(key, text)
+        return cls(**values)
+
+
+def list_calls(home: Home, flt: CallFilter) -> list[dict[str, Any]]:
+    """The calls matching ``flt``, oldest first, as plain dicts."""
+    if flt.device is not None and home.device(flt.device) is None:
+        raise UsageError(f"unknown device {flt.device!r} (enrolled: "
+                         f"{', '.join(d.device_id for d in home.devices()) or 'none'})")
+    since = parse_time("since", flt.since) if flt.since else None
+    until = parse_time("until", flt.until) if flt.until else None
+    with open_index(home) as index:
+        rows = index.calls(device=flt.device, line=flt.line, since_ns=since)
+    out = []
+    for c in rows:
+        if until is not None and c.start_ns >= until:
+            continue
+        out.append({
+            "device": c.device, "line": c.line, "call_id": c.call_id, "start": iso(c.start_ns),
+            "start_ns": c.start_ns, "duration_s": round(c.frames / c.rate, 3), "frames": c.frames,
+            "rate": c.rate, "parts": c.parts, "complete": bool(c.complete),
+        })
+    return out
+
+
+def _check_id(call_id: str) -> str:
+    if not _SAFE.match(call_id):
+        raise UsageError(f"call id {call_id!r} is not valid (letters, digits, . _ : -)")
+    return call_id
+
+
+def call_detail(home: Home, call_id: str) -> dict[str, Any] | None:
+    """One call: its parts with times, gaps, sealed metadata and each part's verification."""
+    with open_index(home) as index:
+        rows = index.call_segments(_check_id(call_id))
+    if not rows:
+        return None
+    store, identity = Store(home), home.identity()
+    parts: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    problems: list[str] = []
+    for number, row in enumerate(rows):
+        part: dict[str, Any] = {"seq": row["seq"], "part": row["part"], "frames": row["frames"],
+                                "start": iso(row["start_ns"]), "end": iso(row["end_ns"]),
+                                "payload_sha256": row["payload_sha256"],
+                                "manifest_sha256": row["manifest_sha256"], "verified": False}
+        if row["part"] != number:
+            problems.append(f"part {number} is missing (next stored part is {row['part']})")
+        try:
+            seg = store.load(row["device"], row["seq"])
+            device = home.device(seg.device_id)
+            if device is None:
+                raise VerificationError(f"device {seg.device_id} is not enrolled")
+            verify_trusted(seg, device.trust())
+            part["verified"] = True
+            part["signing_key_id"] = seg.manifest["signing_key_id"]
+            gaps.extend({"part": row["part"], **g} if isinstance(g, dict) else {"part": row["part"],
+                        "gap": g} for g in seg.manifest["gaps"])
+            if not meta:
+                meta = open_segment_sensitive(seg, identity)
+        except (StoreError, VerificationError, FormatError) as err:
+            part["problem"] = str(err)
+            problems.append(f"part {row['part']} seq {row['seq']}: {err}")
+        parts.append(part)
+    if not rows[-1]["last_part"]:
+        problems.append("the call's last part is missing")
+    frames = sum(r["frames"] for r in rows)
+    rate = rows[0]["rate"]
+    return {
+        "device": rows[0]["device"], "line": rows[0]["line"], "call_id": call_id,
+        "start": iso(rows[0]["start_ns"]), "end": iso(rows[-1]["end_ns"]),
+        "frames": frames, "rate": rate, "duration_s": round(frames / rate, 3),
+        "parts": parts, "gaps": gaps, "metadata": meta,
+        "verification": "ok" if not problems else "FAILED", "problems": problems,
+    }
+
+
+def call_pcm(home: Home, call_id: str) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """The call's audio, joined from its verified parts; refuses a call that does not verify."""
+    detail = call_detail(home, call_id)
+    if detail is None:
+        raise UsageError(f"no call {call_id!r}")
+    if detail["problems"]:
+        raise VerificationError(f"call {call_id} does not verify: {detail['problems'][0]}")
+    store, identity = Store(home), home.identity()
+    pcms = []
+    with open_index(home) as index:
+        rows = index.call_segments(call_id)
+    for row in rows:
+        pcm, _rate = open_segment_audio(store.load(row["device"], row["seq"]), identity)
+        pcms.append(pcm)
+    return np.concatenate(pcms).astype(np.int16), int(detail["rate"]), detail["parts"]
+
+
+def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, pcm, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def cached_wav(home: Home, call_id: str) -> Path:
+    """The call as WAV PCM 16-bit (every browser plays it), decoded once into a 0600 cache file."""
+    detail = call_detail(home, call_id)
+    if detail is None:
+        raise UsageError(f"no call {call_id!r}")
+    # The cache key names the exact parts, so a re-stored or re-keyed call never plays stale audio.
+    key = hashlib.sha256("".join(p["manifest_sha256"] for p in detail["parts"]).encode()).hexdigest()
+    path = home.root / CACHE_DIR / f"{key[:32]}.wav"
+    if path.is_file():
+        return path
+    pcm, rate, _parts = call_pcm(home, call_id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    # A cache: atomic so a reader never sees half a file; losing it only costs a decode.
+    atomic_write(path, wav_bytes(pcm, rate))
+    os.chmod(path, 0o600)
+    return path
+
+
+def verification_file(detail: dict[str, Any], audio: bytes, version: str) -> bytes:
+    """The proof beside an exported call: what was joined, its hashes and verification status."""
+    proof = {
+        "device": detail["device"], "line": detail["line"], "call_id": detail["call_id"],
+        "start": detail["start"], "end": detail["end"], "frames": detail["frames"],
+        "rate": detail["rate"], "parts": detail["parts"], "gaps": detail["gaps"],
+        "verification": detail["verification"], "problems": detail["problems"],
+        "audio_sha256": hashlib.sha256(audio).hexdigest(), "audio_format": "WAV PCM 16-bit mono",
+        "tool": f"appliance-central {version}",
+    }
+    return json.dumps(proof, indent=1, sort_keys=True).encode() + b"\n"

@@ -1,0 +1,154 @@
+"""The web application in process (Starlette's TestClient): users, login, search, audio, proof."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import stat
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+from starlette.testclient import TestClient
+
+from central.cli import main
+from central.home import Home
+from central.web.app import create_app
+
+from .central_helpers import RATE, Box
+from .web_helpers import PASSWORDS, add_users, build_archive
+
+
+@pytest.fixture()
+def web(home: Home, box: Box, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, np.ndarray]:
+    signal = build_archive(home, box)
+    add_users(home, monkeypatch)
+    return TestClient(create_app(home), base_url="http://testserver"), signal
+
+
+def login(client: TestClient, user: str) -> str:
+    r = client.post("/api/login", json={"user": user, "password": PASSWORDS[user]})
+    assert r.status_code == 200, r.text
+    return str(r.json()["csrf"])
+
+
+def test_users_cli_hashes_with_argon2id_and_checks_input(home: Home, monkeypatch, capsys) -> None:
+    add_users(home, monkeypatch)
+    users_file = home.root / "web" / "users.json"
+    stored = json.loads(users_file.read_text())
+    assert stat.S_IMODE(users_file.stat().st_mode) == 0o600
+    assert all(u["hash"].startswith("$argon2id$") for u in stored.values())
+    assert all(PASSWORDS[n] not in users_file.read_text() for n in PASSWORDS)
+    capsys.readouterr()
+    assert main(["--home", str(home.root), "users", "ls", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"name": "adm", "role": "admin"}, {"name": "ann", "role": "qa"}, {"name": "aud", "role": "auditor"}]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
+    assert main(["--home", str(home.root), "users", "passwd", "ann"]) == 2
+    assert "at least 10 characters" in capsys.readouterr().err
+    assert main(["--home", str(home.root), "users", "add", "x", "--role", "boss"]) == 2
+    assert main(["--home", str(home.root), "users", "remove", "ann"]) == 0
+    assert main(["--home", str(home.root), "users", "remove", "ann"]) == 2
+    assert "no user 'ann'" in capsys.readouterr().err
+    assert main(["--home", str(home.root), "web", "--listen", "nohost"]) == 2
+
+
+def test_search_detail_and_filters(web) -> None:
+    client, _signal = web
+    assert client.get("/api/calls").status_code == 401
+    assert client.get("/calls", follow_redirects=False).headers["location"].startswith("/login")
+    login(client, "ann")
+    calls = client.get("/api/calls").json()["calls"]
+    assert [c["call_id"] for c in calls] == ["c-long", "c-short"]
+    by_line = client.get("/api/calls", params={"line": "line-1", "since": "2023-11-14",
+                                               "until": "2023-11-15"}).json()["calls"]
+    assert [c["call_id"] for c in by_line] == ["c-long"]
+    assert client.get("/api/calls", params={"until": "2023-11-14"}).json()["calls"] == []
+    bad = client.get("/api/calls", params={"since": "yesterday"})
+    assert bad.status_code == 400 and "since 'yesterday'" in bad.json()["error"]
+    assert client.get("/api/calls", params={"colour": "red"}).status_code == 400
+    assert client.get("/api/calls", params={"device": "nope"}).status_code == 400
+    detail = client.get("/api/calls/c-long").json()
+    assert detail["verification"] == "ok" and [p["part"] for p in detail["parts"]] == [0, 1, 2]
+    assert all(p["verified"] for p in detail["parts"]) and detail["frames"] == 8000 * 3 + 17
+    assert detail["metadata"] == {"dtmf": "1234"}  # what the box sealed, decrypted by central
+    assert client.get("/api/calls/nope").status_code == 404
+    page = client.get("/calls/c-long")
+    assert page.status_code == 200 and "c-long" in page.text and 'name="csrf"' in page.text
+
+
+def test_audio_needs_a_reason_plays_exact_and_seeks(web, home: Home) -> None:
+    client, signal = web
+    csrf = login(client, "ann")
+    assert client.get("/api/calls/c-long/audio").status_code == 403
+    assert client.post("/api/calls/c-long/listen", json={"reason": "QA review"}).status_code == 403
+    short = client.post("/api/calls/c-long/listen", json={"reason": ""}, headers={"X-CSRF-Token": csrf})
+    assert short.status_code == 400
+    ok = client.post("/api/calls/c-long/listen", json={"reason": "QA review"},
+                     headers={"X-CSRF-Token": csrf})
+    assert ok.status_code == 200
+    whole = client.get("/api/calls/c-long/audio")
+    assert whole.status_code == 200 and whole.headers["content-type"] == "audio/wav"
+    pcm, rate = sf.read(io.BytesIO(whole.content), dtype="int16")
+    assert rate == RATE and np.array_equal(pcm, signal)
+    size = len(whole.content)
+    part = client.get("/api/calls/c-long/audio", headers={"Range": "bytes=1000-1999"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 1000-1999/{size}"
+    assert part.content == whole.content[1000:2000]
+    cache = list((home.root / "web" / "audio-cache").iterdir())
+    assert len(cache) == 1 and stat.S_IMODE(cache[0].stat().st_mode) == 0o600
+    # QA may not download nor read the access log
+    assert client.post("/api/calls/c-long/download", json={"reason": "x" * 5},
+                       headers={"X-CSRF-Token": csrf}).status_code == 403
+    assert client.get("/api/access-log").status_code == 403
+    assert client.get("/access-log").status_code == 403
+
+
+def test_auditor_downloads_with_proof_and_sees_it_logged(web) -> None:
+    client, signal = web
+    csrf = login(client, "aud")
+    r = client.post("/api/calls/c-long/download", json={"reason": "dispute 42"},
+                    headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        wav, proof = z.read("c-long.wav"), json.loads(z.read("c-long.verification.json"))
+    pcm, _rate = sf.read(io.BytesIO(wav), dtype="int16")
+    assert np.array_equal(pcm, signal)
+    assert proof["audio_sha256"] == hashlib.sha256(wav).hexdigest()
+    assert proof["verification"] == "ok" and [p["seq"] for p in proof["parts"]] == [0, 1, 2]
+    entries = client.get("/api/access-log").json()["entries"]
+    assert entries[0]["action"] == "download" and entries[0]["reason"] == "dispute 42"
+    assert entries[0]["user"] == "aud" and entries[0]["call_id"] == "c-long"
+    assert all(e["chain_ok"] for e in entries)
+
+
+def test_wrong_password_refused_and_repeated_failures_slowed(web) -> None:
+    client, _signal = web
+    now = [1000.0]
+    client.app.state.throttle.clock = lambda: now[0]  # type: ignore[attr-defined]
+    for _ in range(3):
+        r = client.post("/api/login", json={"user": "ann", "password": "wrong-password"})
+        assert r.status_code == 401 and "central_session" not in r.cookies
+    # the 4th try is refused before the password is even checked, right or wrong
+    r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) == 15
+    now[0] += 16
+    assert client.post("/api/login", json={"user": "ann", "password": "wrong-again"}).status_code == 401
+    r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) == 30  # doubled
+    # the address is slowed too: another name from the same address waits as well
+    assert client.post("/api/login", json={"user": "aud", "password": PASSWORDS["aud"]}).status_code == 429
+    now[0] += 31
+    r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
+    assert r.status_code == 200
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/access-log").status_code == 403  # QA: an auditor reads it below
+    client.post("/logout", data={"csrf": r.json()["csrf"]})
+    login(client, "aud")
+    actions = [e["action"] for e in client.get("/api/access-log").json()["entries"]]
+    assert actions.count("login-failed") == 4
