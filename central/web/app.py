@@ -33,7 +33,7 @@ class SecurityHeaders:
                 headers = list(message.get("headers", []))
                 headers += [(b"content-security-policy", CSP.encode()),
                             (b"x-content-type-options", b"nosniff"),
-                            (b"referrer-policy", b"no-referrer"),
+                            (b"referrer-policy", b"same-origin"),
                             (b"x-frame-options", b"DENY")]
                 message["headers"] = headers
             await send(message)
@@ -63,7 +63,6 @@ def create_app(home: Home, *, tls: bool = False) -> Starlette:
     app.state.users = Users(home)
     app.state.sessions = Sessions()
     app.state.throttle = LoginThrottle()
-    app.state.range_requests = 0
     return app
 
 

@@ -68,7 +68,7 @@ async def login_page(request: Request) -> Response:
     if request.method == "GET":
         return render(request, "login.html", {"next": request.query_params.get("next", "/calls")})
     if not _same_origin(request):
-        return render(request, "login.html", {"error": "cross-origin login refused"}, 403)
+        return render(request, "login.html", {"error": "cross-origin login refused", "next": "/calls"}, 403)
     form = await request.form()
     nxt = str(form.get("next", "/calls"))
     status, answer, token = login(request, str(form.get("user", "")), str(form.get("password", "")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -11,10 +12,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from central.web import accesslog, archive
 from central.web.session import Denied, Session, check_csrf, client_addr, current, is_api, render
 from linerec_contract.errors import UsageError
+
+log = logging.getLogger("central.web.audio")
 
 
 def _version() -> str:
@@ -98,9 +102,27 @@ async def audio(request: Request) -> Response:
     if call_id not in session.grants:
         raise Denied(403, f"give a reason first: POST /api/calls/{call_id}/listen")
     path = archive.cached_wav(request.app.state.home, call_id)
-    if "range" in request.headers:
-        request.app.state.range_requests += 1
-    return FileResponse(path, media_type="audio/wav", headers={"Cache-Control": "private, no-store"})
+    return _LoggedFile(path, media_type="audio/wav", headers={"Cache-Control": "private, no-store"},
+                       what=f"audio of call {call_id} to {session.user}",
+                       asked=request.headers.get("range"))
+
+
+class _LoggedFile(FileResponse):
+    """A FileResponse (Range aware) that logs what it answered: status and byte range."""
+
+    def __init__(self, path: Any, *, what: str, asked: str | None, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.what, self.asked = what, asked
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                log.info("served %s: %d (range %s, content-range %s)", self.what, message["status"],
+                         self.asked or "none", headers.get(b"content-range", b"none").decode())
+            await send(message)
+
+        await super().__call__(scope, receive, logged)
 
 
 async def download(request: Request) -> Response:
