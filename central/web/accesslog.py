@@ -7,6 +7,7 @@ before the audio or the download is served.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -59,6 +60,8 @@ def read(home: Home, *, call_id: str | None = None, user: str | None = None) -> 
     for raw in path.read_bytes().splitlines():
         entry = json.loads(raw)
         entry["chain_ok"] = entry.get("prev") == prev
+        entry["time"] = dt.datetime.fromtimestamp(entry["time_ns"] / 1e9, dt.UTC).isoformat(
+            timespec="seconds")
         prev = hashlib.sha256(raw).hexdigest()
         if call_id not in (None, entry["call_id"]) or user not in (None, entry["user"]):
             continue
