@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -184,3 +185,19 @@ def test_bad_filters_exit_2_with_one_line(sim: Expected, capsys: pytest.CaptureF
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and names in captured.err
 
+
+
+def test_postgresql_index_finds_the_same_calls(sim: Expected, tmp_path: Path, pg_dsn: str) -> None:
+    from central.home import open_home
+    from central.search import CallFilter, find_calls
+
+    copy = tmp_path / "central"
+    shutil.copytree(sim.arch.home.root, copy)
+    (copy / "index.sqlite").unlink()
+    (copy / "central.toml").write_text(f'[index]\nbackend = "postgresql"\ndsn = "{pg_dsn}"\n')
+    pg = open_home(copy)
+    assert main(["--home", str(copy), "reindex"]) == 0
+    for filt in (CallFilter(), CallFilter(direction="inbound", line="L2"),
+                 CallFilter(device="box-sim", digits="#", min_duration_s=9.0)):
+        assert find_calls(pg, filt) == find_calls(sim.arch.home, filt)
+    assert find_calls(pg, CallFilter(direction="inbound"))
