@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import soundfile as sf
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
+from central.search import CallFilter, find_calls
 from central.store import Store, StoreError
 from central.web import cli as web_cli
 from linerec_contract.durable import atomic_write
@@ -31,6 +33,31 @@ from linerec_contract.segment import SealedSegment
 from linerec_contract.verify import audit_chain, open_segment_audio, verify_trusted
 
 PROG = "appliance-central"
+
+
+HOME_ENV = "APPLIANCE_CENTRAL_HOME"
+
+
+class _SubParsers:
+    """Subcommand parsers that also accept ``--home`` after the command name."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = self.action.add_parser(name, **kw)
+        p.add_argument("--home", type=Path, default=argparse.SUPPRESS,
+                       help=f"the central's state folder (default: ${HOME_ENV})")
+        return p
+
+
+def home_arg(args: argparse.Namespace) -> Path:
+    if args.home is not None:
+        return Path(args.home)
+    env = os.environ.get(HOME_ENV)
+    if not env:
+        raise UsageError(f"no central home: give --home DIR or set {HOME_ENV}")
+    return Path(env)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,18 +69,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _iso(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _since_ns(text: str) -> int:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError as err:
-        raise UsageError(
-            f"--since {text!r} is not an ISO date/time (e.g. 2024-05-01 or 2024-05-01T08:00Z)"
-        ) from err
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1e9)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -150,41 +165,64 @@ def cmd_https_proxy_config(home: Home, args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_ns(text: str, flag: str) -> int:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as err:
+        raise UsageError(
+            f"{flag} {text!r} is not an ISO date/time (e.g. 2024-05-01 or 2024-05-01T08:00Z)"
+        ) from err
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1e9)
+
+
+def call_filter(args: argparse.Namespace) -> CallFilter:
+    """The ``calls`` filters given on the command line."""
+    return CallFilter(
+        device=args.device, line=args.line,
+        since_ns=_time_ns(args.since, "--since") if args.since else None,
+        until_ns=_time_ns(args.until, "--until") if args.until else None,
+        caller=args.caller, digits=args.digits, direction=args.direction,
+        min_duration_s=args.min_duration, max_duration_s=args.max_duration,
+    )
+
+
+def add_call_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="only this device")
+    p.add_argument("--line", help="only this line")
+    p.add_argument("--since", help="calls starting at or after (ISO date/time, UTC unless zoned)")
+    p.add_argument("--until", help="calls starting before (ISO date/time, UTC unless zoned)")
+    p.add_argument("--caller", help="caller ID contains these digits")
+    p.add_argument("--digits", help="digits dialled on the call contain these")
+    p.add_argument("--direction", help="inbound or outbound")
+    p.add_argument("--min-duration", type=float, metavar="SECONDS")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS")
+
+
 def cmd_calls(home: Home, args: argparse.Namespace) -> int:
-    since = _since_ns(args.since) if args.since else None
-    with open_index(home) as index:
-        calls = index.calls(device=args.device, line=args.line, since_ns=since)
+    calls = find_calls(home, call_filter(args))
     if args.json:
-        out = [
-            {
-                "device": c.device,
-                "line": c.line,
-                "call_id": c.call_id,
-                "start": _iso(c.start_ns),
-                "start_ns": c.start_ns,
-                "duration_s": round(c.duration_s, 3),
-                "frames": c.frames,
-                "rate": c.rate,
-                "parts": c.parts,
-                "complete": c.complete,
-            }
-            for c in calls
-        ]
+        out = [dict(c.as_json(), start=_iso(c.start_ns), end=_iso(c.end_ns)) for c in calls]
         print(json.dumps(out, indent=1))
         return 0
     rows = [
         [
             c.device,
-            c.line,
+            c.line + (f" ({c.line_label})" if c.line_label else ""),
             c.call_id,
             _iso(c.start_ns),
             f"{c.duration_s:.1f}",
-            str(c.parts),
-            "yes" if c.complete else "NO",
+            "in" if c.direction == "inbound" else "out",
+            c.caller_id or "-",
+            c.dialled or (f"masked({c.masked_digits})" if c.masked_digits else "-"),
+            str(len(c.parts)),
+            ("yes" if c.complete else "NO") + (" " + ",".join(c.alarms) if c.alarms else ""),
         ]
         for c in calls
     ]
-    print(_table(rows, ["DEVICE", "LINE", "CALL", "START", "SECONDS", "PARTS", "COMPLETE"]))
+    print(_table(rows, ["DEVICE", "LINE", "CALL", "START", "SECONDS", "DIR", "CALLER",
+                        "DIGITS", "PARTS", "COMPLETE"]))
     return 0
 
 
@@ -391,8 +429,8 @@ def cmd_reindex(home: Home, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Archive, index and receiver of the line recorders.")
-    parser.add_argument("--home", type=Path, required=True, help="the central's state folder")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--home", type=Path, help=f"the central's state folder (default: ${HOME_ENV})")
+    sub = _SubParsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     sub.add_parser("init", help="create the home folder and the archive key; print the recipient")
     p = sub.add_parser("enroll", help="trust a device's Ed25519 public key")
     p.add_argument("device")
@@ -424,10 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", type=Path, default=Path("/etc/appliance-central/server.pem"))
     p.add_argument("--key", type=Path, default=Path("/etc/appliance-central/server.key"))
     p.add_argument("--socket", type=Path)
-    p = sub.add_parser("calls", help="list recorded calls")
-    p.add_argument("--device")
-    p.add_argument("--line")
-    p.add_argument("--since", help="ISO date/time (UTC unless it names a zone)")
+    p = sub.add_parser("calls", help="find recorded calls (filters combine with AND)")
+    add_call_filters(p)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("export", help="decrypt, verify and join one call into a WAV file")
     p.add_argument("call", help="call id")
@@ -462,6 +498,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.home = home_arg(args)
         if args.command == "init":
             return cmd_init(args)
         return COMMANDS[args.command](open_home(args.home), args)

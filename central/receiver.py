@@ -300,6 +300,7 @@ class SegmentIntake:
                        "malformed": 0, "not_enrolled": 0, "failed": 0}
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
+        self.identity = home.identity()  # opens each segment's sealed metadata for the index
 
     def handle(self, topic: str, payload: bytes | Path) -> Outcome:
         """Verify, store and index one message (its bytes, or a file holding them, read with
@@ -361,7 +362,7 @@ class SegmentIntake:
         ref = self.store.ref(dev, seq)
         if self.index is None:
             self.index = open_index(self.home, check_same_thread=False)
-        self.index.add(seg, ref)
+        self.index.add(seg, ref, identity=self.identity)
         if self._kill_countdown is not None and result == "stored":
             self._kill_countdown -= 1
             if self._kill_countdown == 0:
