@@ -11,19 +11,19 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from central import search
 from central.home import Home
 from central.index import open_index
 from central.store import Store, StoreError
 from linerec_contract.durable import atomic_write
 from linerec_contract.errors import FormatError, UsageError, VerificationError
-from linerec_contract.verify import open_segment_audio, open_segment_sensitive, verify_trusted
+from linerec_contract.verify import open_segment_audio, verify_trusted
 
 CACHE_DIR = "web/audio-cache"
 _SAFE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -44,48 +44,44 @@ def parse_time(name: str, text: str) -> int:
     return int(when.timestamp() * 1e9)
 
 
-@dataclass(frozen=True)
-class CallFilter:
-    """The filters of ``appliance-central calls``, as the web pages take them."""
-
-    device: str | None = None
-    line: str | None = None
-    since: str | None = None
-    until: str | None = None
-
-    @classmethod
-    def from_query(cls, query: Any) -> CallFilter:
-        unknown = set(query.keys()) - {"device", "line", "since", "until"}
-        if unknown:
-            raise UsageError(f"unknown filter {sorted(unknown)[0]!r} (accepted: device, line, since, until)")
-        names = ("device", "line", "since", "until")
-        values: dict[str, str | None] = {k: (query.get(k) or "").strip() or None for k in names}
-        for key in ("since", "until"):
-            text = values[key]
-            if text is not None:
-                parse_time(key, text)
-        return cls(**values)
+FILTERS = ("device", "line", "since", "until", "caller", "digits", "direction", "min_duration",
+           "max_duration")
 
 
-def list_calls(home: Home, flt: CallFilter) -> list[dict[str, Any]]:
-    """The calls matching ``flt``, oldest first, as plain dicts."""
-    if flt.device is not None and home.device(flt.device) is None:
-        raise UsageError(f"unknown device {flt.device!r} (enrolled: "
-                         f"{', '.join(d.device_id for d in home.devices()) or 'none'})")
-    since = parse_time("since", flt.since) if flt.since else None
-    until = parse_time("until", flt.until) if flt.until else None
-    with open_index(home) as index:
-        rows = index.calls(device=flt.device, line=flt.line, since_ns=since)
-    out = []
-    for c in rows:
-        if until is not None and c.start_ns >= until:
-            continue
-        out.append({
-            "device": c.device, "line": c.line, "call_id": c.call_id, "start": iso(c.start_ns),
-            "start_ns": c.start_ns, "duration_s": round(c.frames / c.rate, 3), "frames": c.frames,
-            "rate": c.rate, "parts": c.parts, "complete": bool(c.complete),
-        })
+def parse_filter(query: Any) -> tuple[dict[str, str], search.CallFilter]:
+    """The filters of ``appliance-central calls`` from query parameters (empty ones ignored)."""
+    unknown = set(query.keys()) - set(FILTERS)
+    if unknown:
+        raise UsageError(f"unknown filter {sorted(unknown)[0]!r} (accepted: {', '.join(FILTERS)})")
+    given = {k: str(query.get(k)).strip() for k in FILTERS if str(query.get(k) or "").strip()}
+
+    def seconds(name: str) -> float | None:
+        if name not in given:
+            return None
+        try:
+            return float(given[name])
+        except ValueError as err:
+            raise UsageError(f"{name} {given[name]!r} is not a number of seconds") from err
+
+    flt = search.CallFilter(
+        device=given.get("device"), line=given.get("line"),
+        since_ns=parse_time("since", given["since"]) if "since" in given else None,
+        until_ns=parse_time("until", given["until"]) if "until" in given else None,
+        caller=given.get("caller"), digits=given.get("digits"), direction=given.get("direction"),
+        min_duration_s=seconds("min_duration"), max_duration_s=seconds("max_duration"))
+    return given, flt
+
+
+def _summary(call: search.CallRecord) -> dict[str, Any]:
+    out = call.as_json()
+    out.pop("segments", None)
+    out["start"], out["end"] = iso(call.start_ns), iso(call.end_ns)
     return out
+
+
+def list_calls(home: Home, flt: search.CallFilter) -> list[dict[str, Any]]:
+    """The calls matching ``flt`` (issue 13's search service), oldest first, as plain dicts."""
+    return [_summary(c) for c in search.find_calls(home, flt)]
 
 
 def _check_id(call_id: str) -> str:
@@ -94,16 +90,22 @@ def _check_id(call_id: str) -> str:
     return call_id
 
 
+def _record(home: Home, call_id: str) -> search.CallRecord | None:
+    try:
+        return search.find_call(home, call_id)
+    except UsageError:
+        return None
+
+
 def call_detail(home: Home, call_id: str) -> dict[str, Any] | None:
     """One call: its parts with times, gaps, sealed metadata and each part's verification."""
     with open_index(home) as index:
         rows = index.call_segments(_check_id(call_id))
     if not rows:
         return None
-    store, identity = Store(home), home.identity()
+    store = Store(home)
     parts: list[dict[str, Any]] = []
     gaps: list[dict[str, Any]] = []
-    meta: dict[str, Any] = {}
     problems: list[str] = []
     for number, row in enumerate(rows):
         part: dict[str, Any] = {"seq": row["seq"], "part": row["part"], "frames": row["frames"],
@@ -122,8 +124,6 @@ def call_detail(home: Home, call_id: str) -> dict[str, Any] | None:
             part["signing_key_id"] = seg.manifest["signing_key_id"]
             gaps.extend({"part": row["part"], **g} if isinstance(g, dict) else {"part": row["part"],
                         "gap": g} for g in seg.manifest["gaps"])
-            if not meta:
-                meta = open_segment_sensitive(seg, identity)
         except (StoreError, VerificationError, FormatError) as err:
             part["problem"] = str(err)
             problems.append(f"part {row['part']} seq {row['seq']}: {err}")
@@ -132,11 +132,15 @@ def call_detail(home: Home, call_id: str) -> dict[str, Any] | None:
         problems.append("the call's last part is missing")
     frames = sum(r["frames"] for r in rows)
     rate = rows[0]["rate"]
+    record = _record(home, call_id)
+    summary = _summary(record) if record is not None else {}
     return {
+        **{k: summary.get(k) for k in ("line_label", "direction", "caller_id", "dialled",
+                                       "masked_digits", "alarms", "meta_ok")},
         "device": rows[0]["device"], "line": rows[0]["line"], "call_id": call_id,
         "start": iso(rows[0]["start_ns"]), "end": iso(rows[-1]["end_ns"]),
         "frames": frames, "rate": rate, "duration_s": round(frames / rate, 3),
-        "parts": parts, "gaps": gaps, "metadata": meta,
+        "parts": parts, "gaps": gaps,
         "verification": "ok" if not problems else "FAILED", "problems": problems,
     }
 

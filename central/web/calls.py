@@ -29,9 +29,8 @@ def _version() -> str:
 
 
 def search_view(request: Request) -> dict[str, Any]:
-    flt = archive.CallFilter.from_query(request.query_params)
-    calls = archive.list_calls(request.app.state.home, flt)
-    return {"filters": {k: v for k, v in vars(flt).items() if v is not None}, "calls": calls}
+    given, flt = archive.parse_filter(request.query_params)
+    return {"filters": given, "calls": archive.list_calls(request.app.state.home, flt)}
 
 
 async def search(request: Request) -> Response:

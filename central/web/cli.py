@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from central.home import Home
 from central.web.users import ROLES, Users
 from linerec_contract.errors import ConfigError, UsageError
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: Any) -> None:
+    """Register ``web`` and ``users`` on central's subcommand parsers (anything with add_parser)."""
     p = sub.add_parser("web", help="serve the web pages for QA and compliance (search, listen, "
                                    "export with proof, access log)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
