@@ -70,11 +70,17 @@ def test_search_detail_and_filters(web) -> None:
     bad = client.get("/api/calls", params={"since": "yesterday"})
     assert bad.status_code == 400 and "since 'yesterday'" in bad.json()["error"]
     assert client.get("/api/calls", params={"colour": "red"}).status_code == 400
+    for query, expect in (({"caller": "030 1234"}, ["c-short"]), ({"digits": "5551"}, ["c-long"]),
+                          ({"direction": "inbound"}, ["c-short"]), ({"min_duration": "1"}, ["c-long"]),
+                          ({"max_duration": "1", "line": "line-2"}, ["c-short"])):
+        assert [c["call_id"] for c in client.get("/api/calls", params=query).json()["calls"]] == expect
+    assert client.get("/api/calls", params={"direction": "sideways"}).status_code == 400
+    assert client.get("/api/calls", params={"min_duration": "long"}).status_code == 400
     assert client.get("/api/calls", params={"device": "nope"}).status_code == 400
     detail = client.get("/api/calls/c-long").json()
     assert detail["verification"] == "ok" and [p["part"] for p in detail["parts"]] == [0, 1, 2]
     assert all(p["verified"] for p in detail["parts"]) and detail["frames"] == 8000 * 3 + 17
-    assert detail["direction"] in ("inbound", "outbound")
+    assert (detail["direction"], detail["dialled"], detail["caller_id"]) == ("outbound", "5551234", None)
     assert client.get("/api/calls/nope").status_code == 404
     page = client.get("/calls/c-long")
     assert page.status_code == 200 and "c-long" in page.text and 'name="csrf"' in page.text

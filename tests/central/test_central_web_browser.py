@@ -52,7 +52,9 @@ def server(home: Home, box: Box, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     from linerec_contract.segment import encode_wire
 
     intake = SegmentIntake(home)
-    for seg in box.seal_call("c-3min", intake_signal, 4, line="line-3"):
+    for seg in box.seal_call("c-3min", intake_signal, 4, line="line-3",
+                             sensitive={"direction": "inbound", "caller_id": {"number": "0407"},
+                                        "masked_digits": 4}):
         assert intake.handle(segment_topic(seg.device_id, seg.seq), encode_wire(seg)).ack is not None
     if intake.index is not None:
         intake.index.close()
@@ -119,14 +121,19 @@ def test_browser_flow(server: str, browser, tmp_path: Path, caplog: pytest.LogCa
     driver.find_element(By.ID, "f-since").send_keys("2023-11-14T22:00Z")
     driver.find_element(By.ID, "f-until").send_keys("2023-11-15")
     driver.find_element(By.ID, "go").click()
+    wait_for(lambda: "line=line-3" in driver.current_url, "the search results")
     rows = driver.find_elements(By.CSS_SELECTOR, "#results tr")[1:]
-    assert [r.find_elements(By.TAG_NAME, "td")[3].text for r in rows] == ["c-3min"]
+    assert [r.find_elements(By.TAG_NAME, "td")[3].text for r in rows] == ["c-3min"], driver.page_source[-2500:]
     driver.save_screenshot(str(DOCS / "web-search.png"))
     driver.find_element(By.LINK_TEXT, "c-3min").click()
+    wait_for(lambda: driver.find_elements(By.ID, "verification"), "the call page")
     assert driver.find_element(By.ID, "verification").text.startswith("ok")
+    assert driver.find_element(By.ID, "caller").text == "0407"
+    assert driver.find_element(By.ID, "digits").text == "masked by the box (4)"
     # play: a reason first, then the player
     driver.find_element(By.ID, "listen-reason").send_keys("QA review of ticket 7")
     driver.find_element(By.ID, "listen").click()
+    wait_for(lambda: driver.find_elements(By.ID, "audio"), "the player")
     caplog.set_level(logging.INFO, logger="central.web.audio")
     duration = driver.execute_async_script(
         "const a = document.getElementById('audio'), done = arguments[arguments.length - 1];"

@@ -23,8 +23,10 @@ LATER_NS = 1_800_000_000_000_000_000  # 2027-01-15T08:00Z
 def build_archive(home: Home, box: Box) -> np.ndarray:
     """c-long: 3 parts of a known signal on line-1; c-short: 1 part on line-2, years later."""
     signal = known_signal(8000 * 3 + 17)
-    segs = box.seal_call("c-long", signal, 3)
-    segs += box.seal_call("c-short", known_signal(400, seed=9), 1, line="line-2", start_ns=LATER_NS)
+    segs = box.seal_call("c-long", signal, 3, sensitive={"direction": "outbound",
+                                                         "dialled": "5551234"})
+    segs += box.seal_call("c-short", known_signal(400, seed=9), 1, line="line-2", start_ns=LATER_NS,
+                          sensitive={"direction": "inbound", "caller_id": {"number": "0301234567"}})
     intake = SegmentIntake(home)
     for seg in segs:
         outcome = intake.handle(segment_topic(seg.device_id, seg.seq), encode_wire(seg))
