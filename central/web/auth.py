@@ -6,6 +6,7 @@ import json
 import logging
 import math
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -21,7 +22,7 @@ def _same_origin(request: Request) -> bool:
     return origin is None or origin.split("://", 1)[-1] == request.headers.get("host")
 
 
-def login(request: Request, user: str, password: str) -> tuple[int, dict[str, object], str | None]:
+async def login(request: Request, user: str, password: str) -> tuple[int, dict[str, object], str | None]:
     """Check a login; returns the status, the answer and the new session token."""
     app, addr = request.app, client_addr(request)
     wait = app.state.throttle.wait(user, addr)
@@ -29,7 +30,8 @@ def login(request: Request, user: str, password: str) -> tuple[int, dict[str, ob
         log.warning("login for %r from %s refused: locked for %.0f s", user, addr, wait)
         return 429, {"error": f"too many failed logins: try again in {math.ceil(wait)} s",
                      "retry_after": math.ceil(wait)}, None
-    role = app.state.users.check(user, password)
+    # argon2id takes tens of ms and 64 MiB: off the event loop, so other pages keep answering
+    role = await run_in_threadpool(app.state.users.check, user, password)
     if role is None:
         count = app.state.throttle.failed(user, addr)
         log.warning("failed login for %r from %s (%d in a row)", user, addr, count)
@@ -59,7 +61,7 @@ async def api_login(request: Request) -> Response:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         return JSONResponse({"error": 'send JSON {"user": "...", "password": "..."}'}, status_code=400)
-    status, answer, token = login(request, user, password)
+    status, answer, token = await login(request, user, password)
     headers = {"Retry-After": str(answer["retry_after"])} if status == 429 else None
     return _with_cookie(request, JSONResponse(answer, status_code=status, headers=headers), token)
 
@@ -71,7 +73,7 @@ async def login_page(request: Request) -> Response:
         return render(request, "login.html", {"error": "cross-origin login refused", "next": "/calls"}, 403)
     form = await request.form()
     nxt = str(form.get("next", "/calls"))
-    status, answer, token = login(request, str(form.get("user", "")), str(form.get("password", "")))
+    status, answer, token = await login(request, str(form.get("user", "")), str(form.get("password", "")))
     if token is None:
         return render(request, "login.html", {"error": answer["error"], "next": nxt}, status)
     target = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/calls"

@@ -9,6 +9,7 @@ import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -36,13 +37,14 @@ def search_view(request: Request) -> dict[str, Any]:
 async def search(request: Request) -> Response:
     current(request)
     try:
-        return render(request, "calls.html", search_view(request))
+        return render(request, "calls.html", await run_in_threadpool(search_view, request))
     except UsageError as err:
         return render(request, "calls.html", {"filters": {}, "calls": [], "error": str(err)}, 400)
 
 
-def _detail(request: Request) -> dict[str, Any]:
-    detail = archive.call_detail(request.app.state.home, request.path_params["call_id"])
+async def _detail(request: Request) -> dict[str, Any]:
+    detail = await run_in_threadpool(archive.call_detail, request.app.state.home,
+                                     request.path_params["call_id"])
     if detail is None:
         raise Denied(404, f"no call {request.path_params['call_id']!r} (search with GET /api/calls)")
     return detail
@@ -50,7 +52,7 @@ def _detail(request: Request) -> dict[str, Any]:
 
 async def call_page(request: Request) -> Response:
     session = current(request)
-    detail = _detail(request)
+    detail = await _detail(request)
     detail["may_play"] = detail["call_id"] in session.grants
     detail["access"] = accesslog.read(request.app.state.home, call_id=detail["call_id"])[:20] \
         if session.role != "qa" else []
@@ -81,7 +83,7 @@ async def listen(request: Request) -> Response:
     """Grant this session playback of the call, after logging who, when and why."""
     session = current(request)
     await check_csrf(request, session)
-    detail = _detail(request)
+    detail = await _detail(request)
     try:
         reason = await _reason(request)
     except UsageError as err:
@@ -100,7 +102,7 @@ async def audio(request: Request) -> Response:
     call_id = request.path_params["call_id"]
     if call_id not in session.grants:
         raise Denied(403, f"give a reason first: POST /api/calls/{call_id}/listen")
-    path = archive.cached_wav(request.app.state.home, call_id)
+    path = await run_in_threadpool(archive.cached_wav, request.app.state.home, call_id)
     return _LoggedFile(path, media_type="audio/wav", headers={"Cache-Control": "private, no-store"},
                        what=f"audio of call {call_id} to {session.user}",
                        asked=request.headers.get("range"))
@@ -128,13 +130,14 @@ async def download(request: Request) -> Response:
     """The call's WAV with its verification file, in one zip; auditors only, with a reason."""
     session = current(request, "auditor")
     await check_csrf(request, session)
-    detail = _detail(request)
+    detail = await _detail(request)
     try:
         reason = await _reason(request)
     except UsageError as err:
         detail["error"] = str(err)
         return render(request, "call.html", detail, 400)
-    pcm, rate, _parts = archive.call_pcm(request.app.state.home, detail["call_id"])
+    pcm, rate, _parts = await run_in_threadpool(archive.call_pcm, request.app.state.home,
+                                                detail["call_id"])
     wav = archive.wav_bytes(pcm, rate)
     proof = archive.verification_file(detail, wav, _version())
     _log(request, session, "download", detail, reason)

@@ -158,3 +158,54 @@ def test_wrong_password_refused_and_repeated_failures_slowed(web) -> None:
     login(client, "aud")
     actions = [e["action"] for e in client.get("/api/access-log").json()["entries"]]
     assert actions.count("login-failed") == 4
+
+
+def test_web_command_serves_https_with_a_secure_cookie(home: Home, monkeypatch, tmp_path) -> None:
+    """``appliance-central web --cert --key`` as a real process: HTTPS, and the cookie is Secure."""
+    import datetime as dt
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    add_users(home, monkeypatch)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "central.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("central.test"),
+                           x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    with socket.socket() as s:  # a free port, released for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "central", "--home", str(home.root), "web",
+                             "--listen", f"127.0.0.1:{port}", "--cert", str(cert_pem), "--key",
+                             str(key_pem)], stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        with httpx.Client(verify=str(cert_pem), base_url=f"https://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
+                    break
+                except httpx.ConnectError:
+                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                    time.sleep(0.1)
+            assert r.status_code == 200
+            cookie = r.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    finally:
+        proc.terminate()
+        proc.wait(10)
