@@ -165,10 +165,11 @@ def test_web_command_serves_https_with_a_secure_cookie(home: Home, monkeypatch, 
     import datetime as dt
     import os
     import socket
+    import ssl
     import subprocess
     import time
 
-    import httpx
+    import httpx2 as httpx
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -195,7 +196,7 @@ def test_web_command_serves_https_with_a_secure_cookie(home: Home, monkeypatch, 
                              "--listen", f"127.0.0.1:{port}", "--cert", str(cert_pem), "--key",
                              str(key_pem)], stderr=subprocess.PIPE, env={**os.environ})
     try:
-        with httpx.Client(verify=str(cert_pem), base_url=f"https://127.0.0.1:{port}") as client:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert_pem)), base_url=f"https://127.0.0.1:{port}") as client:
             for _ in range(300):
                 try:
                     r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
