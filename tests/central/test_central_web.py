@@ -196,7 +196,8 @@ def test_web_command_serves_https_with_a_secure_cookie(home: Home, monkeypatch, 
                              "--listen", f"127.0.0.1:{port}", "--cert", str(cert_pem), "--key",
                              str(key_pem)], stderr=subprocess.PIPE, env={**os.environ})
     try:
-        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert_pem)), base_url=f"https://127.0.0.1:{port}") as client:
+        trust = ssl.create_default_context(cafile=str(cert_pem))
+        with httpx.Client(verify=trust, base_url=f"https://127.0.0.1:{port}") as client:
             for _ in range(300):
                 try:
                     r = client.post("/api/login", json={"user": "ann", "password": PASSWORDS["ann"]})
