@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import io
 import json
 import logging
 import os
@@ -18,18 +16,13 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-import soundfile as sf
-
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
 from central.search import CallFilter, find_calls
 from central.store import Store, StoreError
-from linerec_contract.durable import atomic_write
-from linerec_contract.errors import ApplianceError, ConfigError, FormatError, UsageError, VerificationError
-from linerec_contract.segment import SealedSegment
-from linerec_contract.verify import audit_chain, open_segment_audio, verify_trusted
+from linerec_contract.errors import ApplianceError, ConfigError, UsageError
+from linerec_contract.verify import audit_chain
 
 PROG = "appliance-central"
 
@@ -254,106 +247,64 @@ def cmd_segments(home: Home, args: argparse.Namespace) -> int:
     return 0
 
 
-def _call_rows(home: Home, call_id: str, device: str | None) -> list[dict[str, Any]]:
-    with open_index(home) as index:
-        rows = index.call_segments(call_id, device)
-    if not rows:
-        where = f" on device {device}" if device else ""
-        raise UsageError(
-            f"no call {call_id!r}{where} in the index (list them with: calls; "
-            "after changes to the store run: reindex)"
-        )
-    places = sorted({(r["device"], r["line"]) for r in rows})
-    if len(places) > 1:
-        names = ", ".join(f"{d} line {ln}" for d, ln in places)
-        raise UsageError(f"call id {call_id!r} exists on {names}; choose one with --device")
-    return rows
-
-
-def _check_out(out: Path) -> None:
-    folder = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name ending in .wav")
-    if not folder.is_dir():
-        raise UsageError(f"--out {out}: folder {folder} does not exist")
-    probe = folder / f".{out.name}.probe"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot write in {folder}: {err.strerror}") from err
-
-
-def _check_part(
-    home: Home, seg: SealedSegment, expect_part: int, prev: SealedSegment | None, identity: str
-) -> tuple[list[str], np.ndarray | None]:
-    """Failures for one part, and its PCM when it decrypted."""
-    m, fails = seg.manifest, []
-    device = home.device(seg.device_id)
-    if device is None:
-        fails.append(f"device {seg.device_id} is not enrolled: no key may sign its segments")
-    else:
-        try:
-            verify_trusted(seg, device.trust())
-        except (VerificationError, FormatError) as err:
-            fails.append(f"signature/hash: {err}")
-    if m["part"] != expect_part:
-        fails.append(f"part number {m['part']}, expected {expect_part}")
-    if prev is not None:
-        want = prev.manifest["start_frame"] + prev.manifest["frames"]
-        if m["start_frame"] != want:
-            fails.append(f"starts at frame {m['start_frame']}, previous part ends at {want}")
-        if m["sample_rate"] != prev.manifest["sample_rate"]:
-            fails.append(f"rate {m['sample_rate']} differs from part 0")
-    pcm = None
-    try:
-        pcm, _rate = open_segment_audio(seg, identity)
-        if pcm.size != m["frames"]:
-            fails.append(f"decoded {pcm.size} frames, manifest says {m['frames']}")
-    except (VerificationError, FormatError) as err:
-        fails.append(f"decrypt/decode: {err}")
-    return fails, pcm
-
-
 def cmd_export(home: Home, args: argparse.Namespace) -> int:
-    rows = _call_rows(home, args.call, args.device)
-    _check_out(args.out)
-    store, identity = Store(home), home.identity()
-    first = rows[0]
-    print(f"call {args.call} on {first['device']} line {first['line']}: {len(rows)} part(s)")
-    failed, pcms, prev = False, [], None
-    for number, row in enumerate(rows):
-        try:
-            seg = store.load(row["device"], row["seq"])
-        except StoreError as err:
-            print(f"  part {number} seq {row['seq']}: FAIL {err}")
-            failed = True
-            continue
-        fails, pcm = _check_part(home, seg, number, prev, identity)
-        if number == len(rows) - 1 and not seg.manifest["last_part"]:
-            fails.append("the call's last part is missing (no part has last_part set)")
-        if number < len(rows) - 1 and seg.manifest["last_part"]:
-            fails.append("marked last_part but more parts follow")
-        gaps = seg.manifest["gaps"]
-        verdict = "FAIL " + "; ".join(fails) if fails else "ok (signature, sha256, join)"
-        gap_note = f", {len(gaps)} recorded gap(s)" if gaps else ""
-        print(f"  part {number} seq {seg.seq} frames {seg.manifest['frames']}{gap_note}: {verdict}")
-        failed = failed or bool(fails)
-        if pcm is not None:
-            pcms.append(pcm)
-        prev = seg
-    if failed or prev is None:
-        print(f"FAILED: {args.out} not written")
+    from central.export import ExportFailed, export_call, export_many
+
+    if args.all is not None:
+        if args.call or args.out:
+            raise UsageError("export: give either CALL --out FILE or --all DIR, not both")
+        done, failed = export_many(home, args.all, call_filter(args), reason=args.reason,
+                                   fmt=args.format, user=args.user)
+        for result in done:
+            print(f"OK {result.call.device} {result.call.call_id}: {result.audio_path} "
+                  f"({result.frames} frames, sha256 {result.audio_sha256})")
+        for line in failed:
+            print(f"FAIL {line}")
+        print(f"{len(done)} call(s) exported to {args.all}, {len(failed)} failed")
+        return 1 if failed else 0
+    if not args.call or args.out is None:
+        raise UsageError("export: give CALL --out FILE.wav|FILE.flac, or --all DIR")
+    try:
+        result = export_call(home, args.call, args.out, reason=args.reason, device=args.device,
+                             user=args.user)
+    except ExportFailed as err:
+        print(f"FAILED: {err}")
         return 1
-    audio = np.concatenate(pcms).astype(np.int16)
-    buf = io.BytesIO()
-    sf.write(buf, audio, int(prev.manifest["sample_rate"]), format="WAV", subtype="PCM_16")
-    # atomic_write fsyncs: an export reported as written is whole on disk.
-    atomic_write(args.out, buf.getvalue())
-    digest = hashlib.sha256(buf.getvalue()).hexdigest()
-    seconds = audio.size / prev.manifest["sample_rate"]
-    print(f"OK: wrote {args.out} ({audio.size} frames, {seconds:.2f} s, sha256 {digest})")
+    print(result.summary, end="")
+    print(f"OK: wrote {result.audio_path}, {result.proof_path.name} and "
+          f"{result.summary_path.name}")
     return 0
+
+
+def cmd_check_export(args: argparse.Namespace) -> int:
+    from central.export import check_export
+
+    result = check_export(args.file, args.proof, central_key_id=args.central_key,
+                          device_key=args.device_key)
+    for note in result.notes:
+        print(f"  {note}")
+    for fail in result.failures:
+        print(f"FAIL {fail}")
+    print(f"{'OK' if result.ok else 'FAILED'}: {args.file}")
+    return 0 if result.ok else 1
+
+
+def cmd_access_log(home: Home, args: argparse.Namespace) -> int:
+    from central import accesslog
+
+    items = accesslog.entries(home)
+    problems = accesslog.verify(home)
+    if args.json:
+        print(json.dumps({"entries": [vars(e) for e in items],
+                          "intact": not problems,
+                          "problems": [vars(p) for p in problems]}, indent=1))
+    else:
+        rows = [[str(e.n), e.at, e.user, e.action, e.device, e.call_id, e.reason]
+                for e in items]
+        print(_table(rows, ["N", "WHEN", "WHO", "WHAT", "DEVICE", "CALL", "WHY"]))
+        for p in problems:
+            print(f"FAIL line {p.line}: {p.detail}")
+    return 1 if problems else 0
 
 
 def cmd_verify(home: Home, args: argparse.Namespace) -> int:
@@ -464,10 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calls", help="find recorded calls (filters combine with AND)")
     add_call_filters(p)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("export", help="decrypt, verify and join one call into a WAV file")
-    p.add_argument("call", help="call id")
-    p.add_argument("--out", type=Path, required=True, help="WAV file to write")
-    p.add_argument("--device")
+    p = sub.add_parser("export", help="verify and write a call (or --all matching calls) with "
+                       "its proof FILE.verification.json; logged in the access log")
+    p.add_argument("call", nargs="?", help="call id")
+    p.add_argument("--out", type=Path, help="FILE.wav or FILE.flac to write")
+    p.add_argument("--all", type=Path, metavar="DIR",
+                   help="export every call matching the filters into DIR")
+    p.add_argument("--format", default="wav", help="wav or flac (with --all)")
+    p.add_argument("--reason", required=True, help="why (kept in the access log)")
+    p.add_argument("--user", help="who (default: the OS account)")
+    add_call_filters(p)
+    p = sub.add_parser("check-export", help="check an exported file against its "
+                       "FILE.verification.json, offline (no home needed)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--proof", type=Path, help="default: FILE.verification.json")
+    p.add_argument("--central-key", help="require the proof to be signed by this key id")
+    p.add_argument("--device-key", help="check the manifests with this public key (base64)")
+    p = sub.add_parser("access-log", help="who exported or listened to which call, and why")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("segments", help="list stored segments with their files")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
@@ -486,6 +451,7 @@ COMMANDS = {
     "calls": cmd_calls,
     "segments": cmd_segments,
     "export": cmd_export,
+    "access-log": cmd_access_log,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
 }
@@ -494,6 +460,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "check-export":
+            return cmd_check_export(args)
         args.home = home_arg(args)
         if args.command == "init":
             return cmd_init(args)
