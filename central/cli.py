@@ -22,6 +22,7 @@ from central.receiver import Receiver
 from central.search import CallFilter, find_calls
 from central.store import Store, StoreError
 from linerec_contract.errors import ApplianceError, ConfigError, UsageError
+from linerec_contract.segment import SealedSegment
 from linerec_contract.verify import audit_chain
 
 PROG = "appliance-central"
@@ -307,10 +308,66 @@ def cmd_access_log(home: Home, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _iso_arg(text: str | None, flag: str) -> int | None:
+    return _time_ns(text, flag) if text else None
+
+
+def cmd_hold(home: Home, args: argparse.Namespace) -> int:
+    from central import holds
+
+    if args.hold_command == "add":
+        hold = holds.add_hold(home, reason=args.reason, call_id=args.call, device=args.device,
+                              since_ns=_iso_arg(args.since, "--since"),
+                              until_ns=_iso_arg(args.until, "--until"), user=args.user)
+        print(f"hold {hold.hold_id} placed on {hold.describe()}")
+        return 0
+    if args.hold_command == "remove":
+        hold = holds.remove_hold(home, args.hold_id, reason=args.reason, user=args.user)
+        print(f"hold {hold.hold_id} on {hold.describe()} lifted")
+        return 0
+    items = holds.list_holds(home)
+    if args.json:
+        print(json.dumps([vars(h) for h in items], indent=1))
+    else:
+        print(_table([[h.hold_id, h.describe(), h.at, h.by, h.reason] for h in items],
+                     ["HOLD", "COVERS", "SINCE", "BY", "REASON"]))
+    return 0
+
+
+def cmd_retention(home: Home, args: argparse.Namespace) -> int:
+    from central.retention import parse_now, run_retention
+
+    if not args.dry_run:
+        home.require_writable()
+    report = run_retention(home, parse_now(args.now), dry_run=args.dry_run)
+    for d in report.decisions:
+        if d.action in ("delete", "held", "locked"):
+            verb = {"delete": "would delete" if args.dry_run else "deleted",
+                    "held": "kept (legal hold)", "locked": "kept (locked)"}[d.action]
+            extra = f": {d.detail}" if d.detail else ""
+            print(f"{verb} {d.call.device} {d.call.call_id} ({len(d.call.parts)} segment(s), "
+                  f"{d.policy}){extra}")
+    for err in report.errors:
+        print(f"FAIL {err}")
+    print(f"retention at {_iso(report.now_ns)}: {report.count('delete')} call(s) "
+          f"{'to delete' if args.dry_run else 'deleted'}, {report.count('held')} held, "
+          f"{report.count('locked')} locked, {report.count('keep')} kept")
+    return 1 if report.errors else 0
+
+
 def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     store = Store(home)
     devices = [args.device] if args.device else store.devices()
+    from central.retention import deletion_audit
+
     issues: list[dict[str, Any]] = []
+    notes: list[str] = []
+    deletions = deletion_audit(home)
+    issues.extend({"device": "-", "kind": "deletion-log", "seq": p.line,
+                   "detail": f"deletion log line {p.line}: {p.detail}"}
+                  for p in deletions.problems)
+    devices = sorted(set(devices) | ({d for d, _ in deletions.deleted} if not args.device
+                                     else set()))
     count = 0
     trust = home.trust()  # each device's own keys: a key never vouches for another device
     for dev in devices:
@@ -333,8 +390,7 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
                 )
         count += len(segs)
         issues.extend(
-            {"device": dev, "kind": i.kind, "seq": i.seq, "detail": i.detail}
-            for i in audit_chain(segs, trust)
+            _explain_deletions(dev, segs, audit_chain(segs, trust), deletions.deleted, notes)
         )
     with open_index(home) as index:
         index_issues = [i for i in index.check(store) if args.device in (None, i.device)]
@@ -350,11 +406,14 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
                     "issues": issues,
                     "index_issues": [vars(i) for i in index_issues],
                     "quarantined": quarantined,
+                    "deleted_by_policy": notes,
                 },
                 indent=1,
             )
         )
     else:
+        for note in notes:
+            print(f"DELETED {note}")
         for issue in issues:
             print(f"FAIL {issue['kind']}: {issue['detail']}")
         for ii in index_issues:
@@ -364,6 +423,37 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
         verdict = "OK" if ok else f"FAILED ({len(issues)} issue(s))"
         print(f"{verdict}: {count} segment(s) from {len(devices)} device(s) audited")
     return 0 if ok else 1
+
+
+def _explain_deletions(dev: str, segs: list[SealedSegment], found: list[Any],
+                       deleted: dict[tuple[str, int], dict[str, Any]], notes: list[str]
+                       ) -> list[dict[str, Any]]:
+    """Chain findings with the seqs retention deleted explained by their deletion-log entry:
+    a gap made only of logged deletions is no issue; the segment after a deletion must still
+    link to the deleted manifest's hash the log kept; a logged segment still present is one."""
+    present = {s.seq: s for s in segs}
+    mine = {seq: e for (d, seq), e in deleted.items() if d == dev}
+    out = []
+    for seq, e in sorted(mine.items()):
+        notes.append(f"{dev}/{seq}: deleted by policy ({e['policy']}) at {e['deleted_at']}, "
+                     f"deletion log entry {e['n']}, call {e['call_id']}")
+        if seq in present:
+            out.append({"device": dev, "kind": "not-deleted", "seq": seq,
+                        "detail": f"{dev}/{seq} is logged as deleted (entry {e['n']}) but still "
+                                  "stored: run retention again"})
+        nxt = present.get(seq + 1)
+        if nxt is not None and nxt.manifest["prev_manifest_sha256"] != e["manifest_sha256"]:
+            out.append({"device": dev, "kind": "bad-link", "seq": seq + 1,
+                        "detail": f"{dev}/{seq + 1} does not link to the manifest the deletion "
+                                  f"log kept for seq {seq} (entry {e['n']})"})
+    for issue in found:
+        if issue.kind == "gap":
+            after = [q for q in present if q > issue.seq]
+            end = min(after) if after else issue.seq + 1
+            if all(q in mine for q in range(issue.seq, end)):
+                continue
+        out.append({"device": dev, "kind": issue.kind, "seq": issue.seq, "detail": issue.detail})
+    return out
 
 
 def cmd_reindex(home: Home, args: argparse.Namespace) -> int:
@@ -440,6 +530,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
+    p = sub.add_parser("hold", help="legal holds: calls retention must keep")
+    hold = p.add_subparsers(dest="hold_command", required=True, metavar="add|remove|ls")
+    q = hold.add_parser("add", help="hold one call (--call) or a device's calls (--device)")
+    q.add_argument("--call")
+    q.add_argument("--device")
+    q.add_argument("--since", help="with --device: calls starting at or after (ISO)")
+    q.add_argument("--until", help="with --device: calls starting before (ISO)")
+    q.add_argument("--reason", required=True)
+    q.add_argument("--user")
+    q = hold.add_parser("remove", help="lift a hold")
+    q.add_argument("hold_id")
+    q.add_argument("--reason", required=True, help="why the hold is lifted")
+    q.add_argument("--user")
+    q = hold.add_parser("ls", help="holds in force")
+    q.add_argument("--json", action="store_true")
+    p = sub.add_parser("retention", help="delete expired recordings (deletion log, holds)")
+    ret = p.add_subparsers(dest="retention_command", required=True, metavar="run")
+    q = ret.add_parser("run", help="apply the [retention] policy now (or at --now)")
+    q.add_argument("--now", help="ISO time to apply the policy at (default: the clock)")
+    q.add_argument("--dry-run", action="store_true", help="show, delete nothing")
     return parser
 
 
@@ -452,6 +562,8 @@ COMMANDS = {
     "segments": cmd_segments,
     "export": cmd_export,
     "access-log": cmd_access_log,
+    "hold": cmd_hold,
+    "retention": cmd_retention,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
 }
