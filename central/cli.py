@@ -355,6 +355,23 @@ def cmd_retention(home: Home, args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_report(home: Home, args: argparse.Namespace) -> int:
+    from central.report import activity_report
+
+    rows = activity_report(home, _iso_arg(args.since, "--since"), _iso_arg(args.until, "--until"),
+                           device=args.device)
+    if args.json:
+        print(json.dumps([dict(vars(r), minutes=round(r.minutes, 2),
+                               seconds=round(r.seconds, 3)) for r in rows], indent=1))
+        return 0
+    table = [[r.day, r.device, r.line + (f" ({r.line_label})" if r.line_label else ""),
+              str(r.calls), f"{r.minutes:.1f}", str(r.inbound), str(r.outbound), str(r.gaps),
+              str(r.alarms), str(r.incomplete)] for r in rows]
+    print(_table(table, ["DAY", "DEVICE", "LINE", "CALLS", "MINUTES", "IN", "OUT", "GAPS",
+                         "ALARMS", "INCOMPLETE"]))
+    return 0
+
+
 def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     store = Store(home)
     devices = [args.device] if args.device else store.devices()
@@ -530,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
+    p = sub.add_parser("report", help="calls and minutes per device, line and day (UTC)")
+    p.add_argument("--since", help="calls starting at or after (ISO)")
+    p.add_argument("--until", help="calls starting before (ISO)")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("hold", help="legal holds: calls retention must keep")
     hold = p.add_subparsers(dest="hold_command", required=True, metavar="add|remove|ls")
     q = hold.add_parser("add", help="hold one call (--call) or a device's calls (--device)")
@@ -563,6 +585,7 @@ COMMANDS = {
     "export": cmd_export,
     "access-log": cmd_access_log,
     "hold": cmd_hold,
+    "report": cmd_report,
     "retention": cmd_retention,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
