@@ -260,6 +260,27 @@ def deletion_audit(home: Home) -> DeletionAudit:
     return DeletionAudit(deleted, log.verify())
 
 
+class DeletedSegments:
+    """Which segments retention deleted, for the intake: a box (or anyone replaying its old
+    messages) must not bring back what the policy deleted. Re-read only when the log grew."""
+
+    def __init__(self, home: Home) -> None:
+        self.log = deletion_log(home)
+        self._seen: tuple[int, int] | None = None
+        self._hashes: dict[tuple[str, int], str] = {}
+
+    def manifest_sha256(self, dev: str, seq: int) -> str | None:
+        try:
+            st = self.log.path.stat()
+        except FileNotFoundError:
+            return None
+        if self._seen != (st.st_size, st.st_mtime_ns):
+            self._hashes = {(str(e.get("device")), int(e.get("seq", -1))):
+                            str(e.get("manifest_sha256")) for e in self.log.entries()}
+            self._seen = (st.st_size, st.st_mtime_ns)
+        return self._hashes.get((dev, seq))
+
+
 def parse_now(text: str | None) -> int | None:
     if text is None:
         return None

@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 from central.cli import main
+from central.receiver import SegmentIntake
 from central.search import find_calls
 from central.store import Store
+from linerec_contract.protocol import segment_topic
+from linerec_contract.segment import encode_wire
+from tests.recorder.recorder_support import outbox_segments, recorder_config
 
 from .sim_archive import SimArchive, build
 
@@ -111,7 +115,7 @@ def test_expired_deleted_and_logged_held_kept_audit_clean(
 
 
 def test_lifted_hold_lets_retention_delete_and_compliance_floor_holds(
-        arch: SimArchive, capsys: pytest.CaptureFixture[str]) -> None:
+        arch: SimArchive, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home = arch.home
     home.config_path.write_text("[retention]\ndays = 30\ncompliance_min_days = 20\n")
     call = find_calls(home)[0]
@@ -124,6 +128,14 @@ def test_lifted_hold_lets_retention_delete_and_compliance_floor_holds(
     assert find_calls(home) == []
     capsys.readouterr()
     assert run(arch, "verify") == 0
+    # the boxes (or a replay of their old messages) cannot bring deleted segments back
+    intake = SegmentIntake(home)
+    for device in ("box-sim", "box-pci"):
+        for seg in outbox_segments(recorder_config(tmp_path / device, home.recipients()[0], device=device)):
+            out = intake.handle(segment_topic(device, seg.seq), encode_wire(seg))
+            assert out.ack is not None and out.ack.result == "duplicate", out.detail
+    intake.close()
+    assert list(Store(home).iter_refs()) == [] and find_calls(home) == []
     # compliance mode: the minimum cannot be shortened, nor a rule set below it
     home.config_path.write_text("[retention]\ndays = 10\ncompliance_min_days = 5\n")
     assert run(arch, "retention", "run") == 2
