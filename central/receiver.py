@@ -46,6 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from central.home import Home, make_dirs
 from central.index import AnyIndex, IndexDbError, open_index
+from central.retention import DeletedSegments
 from central.store import SegmentConflict, Store, StoreError, exclusive_lock
 from linerec_contract.durable import write_status
 from linerec_contract.errors import ConfigError, FormatError, VerificationError
@@ -301,6 +302,7 @@ class SegmentIntake:
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
         self.identity = home.identity()  # opens each segment's sealed metadata for the index
+        self.deleted = DeletedSegments(home)
 
     def handle(self, topic: str, payload: bytes | Path) -> Outcome:
         """Verify, store and index one message (its bytes, or a file holding them, read with
@@ -348,6 +350,14 @@ class SegmentIntake:
             seg = self._decode(dev, seq, payload)
             with self.store.device_lock(dev):
                 self._verify(seg)
+                deleted = self.deleted.manifest_sha256(dev, seq)
+                if deleted == seg.manifest_sha256:
+                    return Outcome(Ack(seq, seg.payload_sha256, "duplicate"), dev,
+                                   "duplicate: deleted by retention, not stored again")
+                if deleted is not None:
+                    return Outcome(Ack(seq, seg.payload_sha256, "rejected",
+                                       "another segment had this seq (deleted by retention)"),
+                                   dev, "rejected: seq deleted by retention")
                 try:
                     result = self.store.put_locked(seg)
                 except SegmentConflict as err:

@@ -60,6 +60,8 @@ class SimArchive:
     home: Home
     truth: list[TruthCall]
     total_frames: int
+    # what each box's lines carried: render(start_frame, frames) -> int16 (frames, lines)
+    renders: dict[str, Callable[[int, int], np.ndarray]]
 
 
 def _with_caller_ids(sim: LineSimulator, bursts: dict[tuple[int, int], np.ndarray]
@@ -75,7 +77,8 @@ def _with_caller_ids(sim: LineSimulator, bursts: dict[tuple[int, int], np.ndarra
     return render
 
 
-def add_box(home: Home, folder: Path, device: str, seed: int, *, pci_masking: bool = False
+def add_box(home: Home, folder: Path, device: str, seed: int, *, pci_masking: bool = False,
+            renders: dict[str, Callable[[int, int], np.ndarray]] | None = None
             ) -> list[TruthCall]:
     """Record SECONDS of two simulated lines on box ``device`` and deliver every segment to
     central's intake; returns the simulator's calls (with the caller IDs added here)."""
@@ -101,7 +104,10 @@ def add_box(home: Home, folder: Path, device: str, seed: int, *, pci_masking: bo
             at = call.start_frame - int(BURST_LEAD_S * RATE) - burst.size
             bursts[(call.line, at)] = burst.astype(np.int32)
             callers[(call.line, call.start_frame)] = number
-    write_ring(cfg, _with_caller_ids(sim, bursts), sim.lines, SECONDS)
+    render = _with_caller_ids(sim, bursts)
+    if renders is not None:
+        renders[device] = render
+    write_ring(cfg, render, sim.lines, SECONDS)
     drain(Recorder(cfg, recipients=home.recipients(), key=key))
     intake = SegmentIntake(home)
     for seg in outbox_segments(cfg):
@@ -115,6 +121,7 @@ def add_box(home: Home, folder: Path, device: str, seed: int, *, pci_masking: bo
 def build(folder: Path) -> SimArchive:
     """Two boxes: ``box-sim`` keeps digits, ``box-pci`` masks them (PCI)."""
     home = init_home(folder / "central")
-    truth = add_box(home, folder, "box-sim", 3)
-    truth += add_box(home, folder, "box-pci", 5, pci_masking=True)
-    return SimArchive(home, truth, int(SECONDS * RATE))
+    renders: dict[str, Callable[[int, int], np.ndarray]] = {}
+    truth = add_box(home, folder, "box-sim", 3, renders=renders)
+    truth += add_box(home, folder, "box-pci", 5, pci_masking=True, renders=renders)
+    return SimArchive(home, truth, int(SECONDS * RATE), renders)

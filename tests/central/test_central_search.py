@@ -37,6 +37,8 @@ class Expected:
             for path in sorted((folder / truth / "outbox").glob("seg-*.seg")):
                 m = decode_wire(path.read_bytes()).manifest
                 sealed.setdefault((truth, m["call_id"]), []).append(m)
+        self.gap_notes = {cid: sum(len(p["gaps"]) for p in parts)
+                          for (_, cid), parts in sealed.items()}
         self.calls: dict[TruthCall, tuple[str, int, float]] = {}
         for t in arch.truth:
             holders = [
@@ -201,3 +203,25 @@ def test_postgresql_index_finds_the_same_calls(sim: Expected, tmp_path: Path, pg
                  CallFilter(device="box-sim", digits="#", min_duration_s=9.0)):
         assert find_calls(pg, filt) == find_calls(sim.arch.home, filt)
     assert find_calls(pg, CallFilter(direction="inbound"))
+
+
+def test_report_per_device_line_and_day(sim: Expected, capsys: pytest.CaptureFixture[str]) -> None:
+    want: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for t, (cid, start, secs) in sim.calls.items():
+        day = dt.datetime.fromtimestamp(start / 1e9, dt.UTC).date().isoformat()
+        row = want.setdefault((day, t.device, t.line),
+                              {"calls": 0, "seconds": 0.0, "inbound": 0, "gaps": 0})
+        row["calls"] += 1
+        row["seconds"] += secs
+        row["inbound"] += t.caller is not None
+        row["gaps"] += sim.gap_notes[cid]
+    assert main(["--home", str(sim.arch.home.root), "report", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {(r["day"], r["device"], r["line"]): {
+        "calls": r["calls"], "seconds": pytest.approx(r["seconds"], abs=0.01),
+        "inbound": r["inbound"], "gaps": r["gaps"]} for r in got} == want
+    assert all(r["alarms"] == 0 for r in got)  # the simulated lines lost no audio
+    assert sum(r["gaps"] for r in got) > 0  # the PCI box's masked digits are noted
+    assert main(["--home", str(sim.arch.home.root), "report", "--device", "box-pci"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["DAY", "DEVICE", "LINE", "CALLS"] and len(table) == 3
