@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -185,16 +184,3 @@ def cached_wav(home: Home, call_id: str) -> Path:
     atomic_write(path, wav_bytes(pcm, rate))
     os.chmod(path, 0o600)
     return path
-
-
-def verification_file(detail: dict[str, Any], audio: bytes, version: str) -> bytes:
-    """The proof beside an exported call: what was joined, its hashes and verification status."""
-    proof = {
-        "device": detail["device"], "line": detail["line"], "call_id": detail["call_id"],
-        "start": detail["start"], "end": detail["end"], "frames": detail["frames"],
-        "rate": detail["rate"], "parts": detail["parts"], "gaps": detail["gaps"],
-        "verification": detail["verification"], "problems": detail["problems"],
-        "audio_sha256": hashlib.sha256(audio).hexdigest(), "audio_format": "WAV PCM 16-bit mono",
-        "tool": f"appliance-central {version}",
-    }
-    return json.dumps(proof, indent=1, sort_keys=True).encode() + b"\n"

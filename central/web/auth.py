@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from central.web import accesslog
+from central.web import loginlog
 from central.web.session import COOKIE, IDLE_S, check_csrf, client_addr, current, render
 
 log = logging.getLogger("central.web.auth")
@@ -35,12 +35,12 @@ async def login(request: Request, user: str, password: str) -> tuple[int, dict[s
     if role is None:
         count = app.state.throttle.failed(user, addr)
         log.warning("failed login for %r from %s (%d in a row)", user, addr, count)
-        accesslog.append(app.state.home, user=user, action="login-failed", addr=addr,
+        loginlog.append(app.state.home, user=user, action="login-failed", addr=addr,
                          detail=f"{count} failure(s) in a row")
         return 401, {"error": "wrong user name or password"}, None
     app.state.throttle.succeeded(user, addr)
     token, session = app.state.sessions.create(user, role)
-    accesslog.append(app.state.home, user=user, action="login", addr=addr)
+    loginlog.append(app.state.home, user=user, action="login", addr=addr)
     return 200, {"user": user, "role": role, "csrf": session.csrf}, token
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import zipfile
-from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -15,18 +16,12 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from central.web import accesslog, archive
+from central import accesslog, export, holds, search
+from central.web import archive
 from central.web.session import Denied, Session, check_csrf, client_addr, current, is_api, render
 from linerec_contract.errors import UsageError
 
 log = logging.getLogger("central.web.audio")
-
-
-def _version() -> str:
-    try:
-        return version("line-recorder")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def search_view(request: Request) -> dict[str, Any]:
@@ -34,7 +29,7 @@ def search_view(request: Request) -> dict[str, Any]:
     return {"filters": given, "calls": archive.list_calls(request.app.state.home, flt)}
 
 
-async def search(request: Request) -> Response:
+async def search_page(request: Request) -> Response:
     current(request)
     try:
         return render(request, "calls.html", await run_in_threadpool(search_view, request))
@@ -54,8 +49,12 @@ async def call_page(request: Request) -> Response:
     session = current(request)
     detail = await _detail(request)
     detail["may_play"] = detail["call_id"] in session.grants
-    detail["access"] = accesslog.read(request.app.state.home, call_id=detail["call_id"])[:20] \
-        if session.role != "qa" else []
+    home = request.app.state.home
+    detail["access"] = [vars(e) for e in accesslog.entries(home)
+                        if e.call_id == detail["call_id"]][::-1][:20] if session.role != "qa" else []
+    record = search.find_call(home, detail["call_id"])
+    detail["holds"] = [vars(h) | {"what": h.describe()} for h in holds.list_holds(home)
+                       if h.covers(record)]
     return render(request, "call.html", detail)
 
 
@@ -74,9 +73,10 @@ async def _reason(request: Request) -> str:
 
 
 def _log(request: Request, session: Session, action: str, detail: dict[str, Any], reason: str) -> None:
-    accesslog.append(request.app.state.home, user=session.user, action=action,
-                     call_id=detail["call_id"], device=detail["device"], reason=reason,
-                     addr=client_addr(request))
+    """Into the archive's access log (central.accesslog), before anything is handed out."""
+    accesslog.record(request.app.state.home, action=action, device=detail["device"],
+                     call_id=detail["call_id"], reason=reason, user=session.user,
+                     detail=f"web page, from {client_addr(request)}")
 
 
 async def listen(request: Request) -> Response:
@@ -89,7 +89,7 @@ async def listen(request: Request) -> Response:
     except UsageError as err:
         detail["error"] = str(err)
         return render(request, "call.html", detail, 400)
-    _log(request, session, "listen", detail, reason)
+    _log(request, session, "play", detail, reason)
     session.grants.add(detail["call_id"])
     if is_api(request):
         return render(request, "call.html", {"audio": f"/api/calls/{detail['call_id']}/audio"})
@@ -136,24 +136,26 @@ async def download(request: Request) -> Response:
     except UsageError as err:
         detail["error"] = str(err)
         return render(request, "call.html", detail, 400)
-    pcm, rate, _parts = await run_in_threadpool(archive.call_pcm, request.app.state.home,
-                                                detail["call_id"])
-    wav = archive.wav_bytes(pcm, rate)
-    proof = archive.verification_file(detail, wav, _version())
-    _log(request, session, "download", detail, reason)
-    buf = io.BytesIO()
     name = detail["call_id"]
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(f"{name}.wav", wav)
-        z.writestr(f"{name}.verification.json", proof)
+    # The archive's export with proof (logged in the access log as an export by this user),
+    # into a private temporary folder, then handed over as one zip.
+    with tempfile.TemporaryDirectory(prefix="web-download-") as folder:
+        out = Path(folder) / f"{name}.wav"
+        result = await run_in_threadpool(lambda: export.export_call(
+            request.app.state.home, name, out, reason=reason, device=detail["device"],
+            user=session.user))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for path in (result.audio_path, result.proof_path, result.summary_path):
+                z.write(path, path.name)
     return Response(buf.getvalue(), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{name}.zip"', "Cache-Control": "no-store"})
 
 
 routes = [
     Route("/", lambda request: RedirectResponse("/calls", status_code=303)),
-    Route("/calls", search),
-    Route("/api/calls", search),
+    Route("/calls", search_page),
+    Route("/api/calls", search_page),
     Route("/calls/{call_id}", call_page),
     Route("/api/calls/{call_id}", call_page),
     Route("/calls/{call_id}/listen", listen, methods=["POST"]),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from central.cli import main
 from central.home import Home
 from central.web.app import create_app
 
@@ -166,15 +167,18 @@ def test_browser_flow(server: str, browser, tmp_path: Path, caplog: pytest.LogCa
                         "the download")
     with zipfile.ZipFile(zip_path) as z:
         pcm, rate = sf.read(io.BytesIO(z.read("c-3min.wav")), dtype="int16")
-        proof = json.loads(z.read("c-3min.verification.json"))
+        proof = json.loads(z.read("c-3min.wav.verification.json"))
+        z.extractall(downloads)
     assert rate == RATE and np.array_equal(pcm, known_signal(FRAMES, seed=5))
-    assert proof["verification"] == "ok" and proof["frames"] == FRAMES
+    assert proof["audio"]["frames"] == FRAMES and proof["exported_by"] == "aud"
+    assert main(["check-export", str(downloads / "c-3min.wav")]) == 0
     # and that access is in the access log
     driver.get(f"{base}/access-log")
     cells = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
              for tr in driver.find_elements(By.CSS_SELECTOR, "#access tr")[1:]]
-    assert ["aud", "download", "c-3min", "box-1", "dispute 42"] in [c[1:6] for c in cells]
-    assert ["aud", "listen", "c-3min", "box-1", "QA review of ticket 7"] in [c[1:6] for c in cells]
+    assert ["aud", "export", "c-3min", "box-1", "dispute 42"] in [c[2:7] for c in cells]
+    assert ["aud", "play", "c-3min", "box-1", "QA review of ticket 7"] in [c[2:7] for c in cells]
+    assert driver.find_element(By.ID, "chain").text == "Chain intact."
     # a QA user is refused the auditors' pages
     log_in(driver, base, "ann", PASSWORDS["ann"])
     driver.get(f"{base}/access-log")

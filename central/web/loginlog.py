@@ -1,8 +1,8 @@
-"""The web's access log: who listened to or downloaded which call, when and why; failed logins.
+"""The web's login log: who logged in, and failed logins, from which address.
 
-Append-only JSON lines in ``<home>/web/access.log`` (mode 0600), each entry carrying the SHA-256
-of the previous line so an edited or removed entry breaks the chain. Every entry is fsynced
-before the audio or the download is served.
+(Listens and downloads go to the archive's access log, :mod:`central.accesslog`.)
+Append-only JSON lines in ``<home>/web/logins.log`` (mode 0600), each entry carrying the SHA-256
+of the previous line so an edited or removed entry breaks the chain; each entry fsynced.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 from central.home import Home
 
-ACCESS_LOG = "web/access.log"
+LOGIN_LOG = "web/logins.log"
 _LOCK = threading.Lock()
 
 
 def _path(home: Home) -> Path:
-    return home.root / ACCESS_LOG
+    return home.root / LOGIN_LOG
 
 
 def append(home: Home, *, user: str, action: str, call_id: str | None = None,
@@ -44,7 +44,7 @@ def append(home: Home, *, user: str, action: str, call_id: str | None = None,
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line)
-            # Durability: an access is on disk before the audio it records is served.
+            # Durability: a login attempt is on disk before it is answered.
             os.fsync(fd)
         finally:
             os.close(fd)
