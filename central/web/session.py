@@ -77,6 +77,9 @@ def is_api(request: Request) -> bool:
 
 def current(request: Request, role: str = "qa") -> Session:
     session: Session | None = request.app.state.sessions.get(request.cookies.get(COOKIE))
+    if session is not None and session.user not in request.app.state.users.load():
+        request.app.state.sessions.drop_user(session.user)  # removed with: users remove
+        session = None
     if session is None:
         raise Denied(401, "log in first (POST /api/login)")
     if not role_at_least(session.role, role):

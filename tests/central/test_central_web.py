@@ -159,6 +159,9 @@ def test_holds_admin_adds_and_lifts_others_read(web) -> None:
     assert client.post(f"/api/holds/{added['hold_id']}/remove", json={"reason": "case closed"},
                        headers={"X-CSRF-Token": csrf}).status_code == 200
     assert client.get("/api/calls/c-long").json()["holds"] == []
+    # a removed user's open session ends at once
+    assert main(["--home", str(client.app.state.home.root), "users", "remove", "adm"]) == 0  # type: ignore[attr-defined]
+    assert client.get("/api/holds").status_code == 401
 
 
 def test_wrong_password_refused_and_repeated_failures_slowed(web) -> None:
