@@ -90,7 +90,9 @@ async def listen(request: Request) -> Response:
         detail["error"] = str(err)
         return render(request, "call.html", detail, 400)
     _log(request, session, "play", detail, reason)
-    session.grants.add(detail["call_id"])
+    # Decoded (and verified) once here, so the player's many Range requests only read the file.
+    session.grants[detail["call_id"]] = await run_in_threadpool(
+        archive.cached_wav, request.app.state.home, detail["call_id"])
     if is_api(request):
         return render(request, "call.html", {"audio": f"/api/calls/{detail['call_id']}/audio"})
     return RedirectResponse(f"/calls/{detail['call_id']}#player", status_code=303)
@@ -100,9 +102,12 @@ async def audio(request: Request) -> Response:
     """The call as WAV PCM 16-bit; answers Range requests with 206 so players can seek."""
     session = current(request)
     call_id = request.path_params["call_id"]
-    if call_id not in session.grants:
+    path = session.grants.get(call_id)
+    if path is None:
         raise Denied(403, f"give a reason first: POST /api/calls/{call_id}/listen")
-    path = await run_in_threadpool(archive.cached_wav, request.app.state.home, call_id)
+    if not path.is_file():  # the cache was cleared meanwhile
+        path = session.grants[call_id] = await run_in_threadpool(
+            archive.cached_wav, request.app.state.home, call_id)
     return _LoggedFile(path, media_type="audio/wav", headers={"Cache-Control": "private, no-store"},
                        what=f"audio of call {call_id} to {session.user}",
                        asked=request.headers.get("range"))

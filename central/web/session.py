@@ -25,7 +25,8 @@ class Session:
     user: str
     role: str
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    grants: set[str] = field(default_factory=set)  # calls this session may play (reason given)
+    # calls this session may play (a reason was given and logged) -> their decoded WAV
+    grants: dict[str, Path] = field(default_factory=dict)
     seen: float = field(default_factory=time.monotonic)
 
 
