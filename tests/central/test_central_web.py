@@ -243,3 +243,26 @@ def test_web_command_serves_https_with_a_secure_cookie(home: Home, monkeypatch, 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_tampered_call_shows_failed_and_is_neither_played_nor_downloaded(web, home: Home) -> None:
+    from central.store import Store
+
+    from .central_helpers import DEVICE
+
+    client, _signal = web
+    payload = Store(home).ref(DEVICE, 1).payload_path  # c-long's part 1
+    data = bytearray(payload.read_bytes())
+    data[-5] ^= 0xFF
+    payload.write_bytes(bytes(data))
+    csrf = login(client, "aud")
+    detail = client.get("/api/calls/c-long").json()
+    assert detail["verification"] == "FAILED"
+    assert [p["verified"] for p in detail["parts"]] == [True, False, True]
+    played = client.post("/api/calls/c-long/listen", json={"reason": "QA review"},
+                         headers={"X-CSRF-Token": csrf})
+    assert played.status_code == 409 and "does not verify" in played.json()["error"]
+    assert client.get("/api/calls/c-long/audio").status_code == 403
+    got = client.post("/api/calls/c-long/download", json={"reason": "dispute 42"},
+                      headers={"X-CSRF-Token": csrf})
+    assert got.status_code == 409 and got.headers["content-type"] == "application/json"
