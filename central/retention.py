@@ -233,9 +233,13 @@ def run_retention(home: Home, now_ns: int | None = None, *, dry_run: bool = Fals
                     "signed_manifest": json.loads(seg.signed_manifest_json()),
                 })
                 report.deleted_segments.append(entry)
-            store.delete_expired(call.device, part.seq)
+            try:
+                store.delete_expired(call.device, part.seq)
+            except OSError as err:  # logged already: verify names it, the next run retries
+                report.errors.append(f"{call.device}/{part.seq}: {err}")
         with open_index(home) as index:
-            index.delete_segments((call.device, p.seq) for p in call.parts)
+            index.delete_segments((call.device, p.seq) for p in call.parts
+                                  if not store.exists(call.device, p.seq))
     return report
 
 
