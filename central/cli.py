@@ -383,9 +383,15 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     issues: list[dict[str, Any]] = []
     notes: list[str] = []
     deletions = deletion_audit(home)
-    issues.extend({"device": "-", "kind": "deletion-log", "seq": p.line,
-                   "detail": f"deletion log line {p.line}: {p.detail}"}
-                  for p in deletions.problems)
+    from central.accesslog import verify as verify_access
+    from central.holds import verify_holds
+
+    for kind, problems in (("deletion-log", deletions.problems),
+                           ("hold-log", verify_holds(home)),
+                           ("access-log", verify_access(home))):
+        issues.extend({"device": "-", "kind": kind, "seq": p.line,
+                       "detail": f"{kind.replace('-', ' ')} line {p.line}: {p.detail}"}
+                      for p in problems)
     devices = sorted(set(devices) | ({d for d, _ in deletions.deleted} if not args.device
                                      else set()))
     count = 0
