@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
+from central.retention import start_retention
 from central.search import CallFilter, find_calls
 from central.store import Store, StoreError
 from central.web import cli as web_cli
@@ -118,6 +119,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    start_retention(home, stop)  # the [retention] policy, applied every run_every_hours
     receiver.run(stop)
     return 0
 
@@ -142,6 +144,7 @@ def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    start_retention(home, stop)  # the [retention] policy, applied every run_every_hours
     if args.external_proxy:
         ready = f"serving the intake on {server.socket_path} (behind your proxy)"
     else:
@@ -381,9 +384,15 @@ def cmd_verify(home: Home, args: argparse.Namespace) -> int:
     issues: list[dict[str, Any]] = []
     notes: list[str] = []
     deletions = deletion_audit(home)
-    issues.extend({"device": "-", "kind": "deletion-log", "seq": p.line,
-                   "detail": f"deletion log line {p.line}: {p.detail}"}
-                  for p in deletions.problems)
+    from central.accesslog import verify as verify_access
+    from central.holds import verify_holds
+
+    for kind, problems in (("deletion-log", deletions.problems),
+                           ("hold-log", verify_holds(home)),
+                           ("access-log", verify_access(home))):
+        issues.extend({"device": "-", "kind": kind, "seq": p.line,
+                       "detail": f"{kind.replace('-', ' ')} line {p.line}: {p.detail}"}
+                      for p in problems)
     devices = sorted(set(devices) | ({d for d, _ in deletions.deleted} if not args.device
                                      else set()))
     count = 0

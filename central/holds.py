@@ -73,8 +73,9 @@ def list_holds(home: Home) -> list[Hold]:
     active: dict[str, Hold] = {}
     for e in hold_log(home).entries():
         if e.get("event") == "add":
-            active[str(e["hold_id"])] = Hold(
-                hold_id=str(e["hold_id"]), device=str(e["device"]),
+            hold_id = f"H{int(e['n']) + 1}"  # the line number: unique, given under the lock
+            active[hold_id] = Hold(
+                hold_id=hold_id, device=str(e["device"]),
                 call_id=e.get("call_id"), since_ns=e.get("since_ns"), until_ns=e.get("until_ns"),
                 reason=str(e["reason"]), by=str(e["by"]), at=str(e["at"]))
         elif e.get("event") == "remove":
@@ -96,13 +97,11 @@ def add_hold(home: Home, *, reason: str, call_id: str | None = None, device: str
         check_device(home, device)
     if since_ns is not None and until_ns is not None and until_ns <= since_ns:
         raise UsageError("--until must be later than --since")
-    log = hold_log(home)
-    number = len(log.entries())
     now = dt.datetime.fromtimestamp(time.time(), dt.UTC).isoformat(timespec="seconds")
-    entry = log.append({"event": "add", "hold_id": f"H{number + 1}", "device": device,
+    entry = hold_log(home).append({"event": "add", "device": device,
                         "call_id": call_id, "since_ns": since_ns, "until_ns": until_ns,
                         "reason": text, "by": current_user(user), "at": now})
-    return Hold(hold_id=str(entry["hold_id"]), device=device, call_id=call_id,
+    return Hold(hold_id=f"H{int(entry['n']) + 1}", device=device, call_id=call_id,
                 since_ns=since_ns, until_ns=until_ns, reason=text, by=str(entry["by"]), at=now)
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -35,10 +37,11 @@ from central.holds import Hold, list_holds
 from central.home import Home
 from central.index import open_index
 from central.search import CallRecord, find_calls
-from central.store import Store, StoreError
+from central.store import Store, StoreError, exclusive_lock
 from linerec_contract.durable import atomic_write_json
-from linerec_contract.errors import ConfigError, UsageError
+from linerec_contract.errors import ApplianceError, ConfigError, UsageError
 
+log = logging.getLogger("central.retention")
 NS_PER_DAY = 86_400 * 1_000_000_000
 FLOOR_FILE = "retention-floor.json"
 _RULE_KEYS = ("device", "group", "line", "days")
@@ -67,6 +70,11 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     compliance_min_days: int | None = None
+    run_every_s: int = 24 * 3600
+
+    @property
+    def deletes_anything(self) -> bool:
+        return self.days is not None or bool(self.rules)
 
     def for_call(self, call: CallRecord) -> tuple[int | None, str]:
         """Days to keep ``call`` (None: for ever) and the name of the policy that says so."""
@@ -100,9 +108,12 @@ def load_policy(home: Home) -> Policy:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: [retention] must be a table")
     for key in raw:
-        if key not in ("days", "rule", "groups", "compliance_min_days"):
+        if key not in ("days", "rule", "groups", "compliance_min_days", "run_every_hours"):
             raise ConfigError(f"{path}: unknown key retention.{key} (accepted: days, rule, "
-                              "groups, compliance_min_days)")
+                              "groups, compliance_min_days, run_every_hours)")
+    every = raw.get("run_every_hours", 24)
+    if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= 720:
+        raise ConfigError(f"{path}: retention.run_every_hours must be 1..720, got {every!r}")
     days = _days(raw["days"], f"{path}: retention.days") if "days" in raw else None
     groups: dict[str, tuple[str, ...]] = {}
     for name, members in dict(raw.get("groups", {})).items():
@@ -139,7 +150,8 @@ def load_policy(home: Home) -> Policy:
         if floor is None or minimum > floor:
             # atomic_write_json fsyncs: once seen, the minimum holds even after a power cut.
             atomic_write_json(home.root / FLOOR_FILE, {"compliance_min_days": minimum})
-    return Policy(days=days, rules=tuple(rules), groups=groups, compliance_min_days=minimum)
+    return Policy(days=days, rules=tuple(rules), groups=groups, compliance_min_days=minimum,
+                  run_every_s=every * 3600)
 
 
 def _floor(home: Home) -> int | None:
@@ -199,6 +211,12 @@ def decide(policy: Policy, holds: list[Hold], call: CallRecord, now_ns: int) -> 
 def run_retention(home: Home, now_ns: int | None = None, *, dry_run: bool = False) -> RetentionReport:
     """Apply the policy at ``now_ns`` (default: now); see the module docstring."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    # One run at a time per home (receivers on one home each run it from serve).
+    with exclusive_lock(home.root / "locks" / "retention.lock"):
+        return _run(home, now_ns, dry_run)
+
+
+def _run(home: Home, now_ns: int, dry_run: bool) -> RetentionReport:
     policy = load_policy(home)
     holds = list_holds(home)
     report = RetentionReport(now_ns=now_ns, dry_run=dry_run)
@@ -233,9 +251,13 @@ def run_retention(home: Home, now_ns: int | None = None, *, dry_run: bool = Fals
                     "signed_manifest": json.loads(seg.signed_manifest_json()),
                 })
                 report.deleted_segments.append(entry)
-            store.delete_expired(call.device, part.seq)
+            try:
+                store.delete_expired(call.device, part.seq)
+            except OSError as err:  # logged already: verify names it, the next run retries
+                report.errors.append(f"{call.device}/{part.seq}: {err}")
         with open_index(home) as index:
-            index.delete_segments((call.device, p.seq) for p in call.parts)
+            index.delete_segments((call.device, p.seq) for p in call.parts
+                                  if not store.exists(call.device, p.seq))
     return report
 
 
@@ -258,6 +280,35 @@ def deletion_audit(home: Home) -> DeletionAudit:
         if e.get("event") == "deleted":
             deleted[(str(e["device"]), int(e["seq"]))] = e
     return DeletionAudit(deleted, log.verify())
+
+
+def retention_loop(home: Home, stop: threading.Event, *, first_delay_s: float = 60.0,
+                   every_s: float | None = None) -> None:
+    """What ``serve`` runs in a thread: retention now and then (``run_every_hours``), until
+    ``stop``. A failed run is logged and retried at the next turn; it never stops the intake."""
+    wait = first_delay_s
+    while not stop.wait(wait):
+        try:
+            policy = load_policy(home)
+            wait = every_s if every_s is not None else policy.run_every_s
+            if not policy.deletes_anything:
+                continue
+            report = run_retention(home)
+            log.info("retention: %d call(s) deleted, %d held, %d locked, %d error(s)",
+                     report.count("delete"), report.count("held"), report.count("locked"),
+                     len(report.errors))
+            for err in report.errors:
+                log.error("retention: %s", err)
+        except (ApplianceError, OSError) as err:
+            log.error("retention run failed: %s", err)
+            wait = every_s if every_s is not None else 3600.0
+
+
+def start_retention(home: Home, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=retention_loop, args=(home, stop), name="retention",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 class DeletedSegments:

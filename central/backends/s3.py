@@ -117,26 +117,25 @@ class S3ObjectStore:
     def retained_until(self, key: str) -> dt.datetime | None:
         """The latest Object Lock retain-until date of any version of ``key``."""
         latest: dt.datetime | None = None
-        for version in self._versions(key):
+        for version in self._versions(key, markers=False):
             try:
-                answer = self.client.get_object_retention(
-                    Bucket=self.bucket, Key=self._key(key), VersionId=version)
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(key),
+                                               VersionId=version)
             except ClientError as err:
-                if _code(err) in (*_MISSING, "NoSuchObjectLockConfiguration",
-                                  "InvalidRequest", "ObjectLockConfigurationNotFoundError"):
+                if _code(err) in _MISSING:
                     continue
                 raise S3Error(f"{self.location(key)}: cannot read its retention: {err}") from err
-            until = answer.get("Retention", {}).get("RetainUntilDate")
+            until = head.get("ObjectLockRetainUntilDate")
             if until is not None and (latest is None or until > latest):
                 latest = until
         return latest
 
-    def _versions(self, key: str) -> list[str]:
+    def _versions(self, key: str, *, markers: bool = True) -> list[str]:
         try:
             answer = self.client.list_object_versions(Bucket=self.bucket, Prefix=self._key(key))
         except (ClientError, BotoCoreError) as err:
             raise S3Error(f"{self.location(key)}: cannot list versions: {err}") from err
-        found = answer.get("Versions", []) + answer.get("DeleteMarkers", [])
+        found = answer.get("Versions", []) + (answer.get("DeleteMarkers", []) if markers else [])
         return [v["VersionId"] for v in found if v["Key"] == self._key(key)]
 
     def delete_expired(self, key: str) -> None:

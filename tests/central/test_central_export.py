@@ -118,8 +118,9 @@ def test_export_needs_a_reason_and_a_tampered_access_log_is_detected(
                "--reason", "  ") == 2
     assert "--reason" in capsys.readouterr().err
     assert not (tmp_path / "x.wav").exists()
-    assert run(arch, "export", call.call_id, "--out", str(tmp_path / "x.wav"),
-               "--reason", "training") == 0
+    for reason in ("training", "second listen"):
+        assert run(arch, "export", call.call_id, "--out", str(tmp_path / "x.wav"),
+                   "--reason", reason) == 0
     capsys.readouterr()
     log = arch.home.root / "logs" / "access.jsonl"
     lines = log.read_bytes().splitlines(keepends=True)
@@ -129,5 +130,8 @@ def test_export_needs_a_reason_and_a_tampered_access_log_is_detected(
     try:
         assert run(arch, "access-log") == 1
         assert "a line was removed or inserted" in capsys.readouterr().out
+        assert run(arch, "verify") == 1
+        assert "FAIL access-log: access log line" in capsys.readouterr().out
     finally:
         log.write_bytes(b"".join(lines))
+    assert run(arch, "verify") == 0

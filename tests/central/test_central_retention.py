@@ -4,19 +4,24 @@ the audit, over an archive the real recorder made from simulated lines (recorded
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from central.cli import main
+from central.home import Home
 from central.receiver import SegmentIntake
+from central.retention import deletion_audit, retention_loop
 from central.search import find_calls
 from central.store import Store
 from linerec_contract.protocol import segment_topic
 from linerec_contract.segment import encode_wire
 from tests.recorder.recorder_support import outbox_segments, recorder_config
 
+from .central_helpers import Box, known_signal
 from .sim_archive import SimArchive, build
 
 POLICY = """
@@ -143,3 +148,24 @@ def test_lifted_hold_lets_retention_delete_and_compliance_floor_holds(
     home.config_path.write_text("[retention]\ndays = 10\ncompliance_min_days = 20\n")
     assert run(arch, "retention", "run") == 2
     assert "less than the compliance minimum" in capsys.readouterr().err
+
+
+def test_serve_applies_retention_in_the_background(home: Home, box: Box) -> None:
+    intake = SegmentIntake(home)
+    for seg in box.seal_call("old", known_signal(1600), 2):  # recorded in 2023
+        intake.handle(segment_topic(box.device_id, seg.seq), encode_wire(seg))
+    intake.close()
+    home.config_path.write_text("[retention]\ndays = 30\n")
+    stop = threading.Event()
+    thread = threading.Thread(target=retention_loop, args=(home, stop),
+                              kwargs={"first_delay_s": 0.0, "every_s": 0.05})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while find_calls(home) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert find_calls(home) == [] and list(Store(home).iter_refs()) == []
+    assert len(deletion_audit(home).deleted) == 2
