@@ -2,8 +2,8 @@
 
 Log in, search by line and time range, open a call, play it, seek to the middle, download with
 the verification file, find that access in the access log; a QA user is refused auditors'
-pages; a wrong password is refused and repeated failures are slowed. Also writes the README's
-screenshots to docs/ (``web-search.png``, ``web-call.png``).
+pages; a wrong password is refused and repeated failures are slowed. Takes the screenshots of
+the search and call pages; ``UPDATE_SCREENSHOTS=1`` copies them to docs/ (the README's).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -36,6 +37,14 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="needs Debian's chromium and chromium-driver (scripts/bootstrap.sh)")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def screenshot(driver, folder: Path, name: str) -> None:
+    path = folder / name
+    driver.save_screenshot(str(path))
+    assert path.read_bytes().startswith(b"\x89PNG\r\n")
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(path, DOCS / name)
 # Long enough (3 min at 8 kHz: 2.9 MB of WAV) that seeking to the middle fetches a new range.
 FRAMES = RATE * 180 + 123
 
@@ -125,7 +134,7 @@ def test_browser_flow(server: str, browser, tmp_path: Path, caplog: pytest.LogCa
     wait_for(lambda: "line=line-3" in driver.current_url, "the search results")
     rows = driver.find_elements(By.CSS_SELECTOR, "#results tr")[1:]
     assert [r.find_elements(By.TAG_NAME, "td")[3].text for r in rows] == ["c-3min"]
-    driver.save_screenshot(str(DOCS / "web-search.png"))
+    screenshot(driver, tmp_path, "web-search.png")
     driver.find_element(By.LINK_TEXT, "c-3min").click()
     wait_for(lambda: driver.find_elements(By.ID, "verification"), "the call page")
     assert driver.find_element(By.ID, "verification").text.startswith("ok")
@@ -142,7 +151,7 @@ def test_browser_flow(server: str, browser, tmp_path: Path, caplog: pytest.LogCa
         "a.addEventListener('canplay', () => done(a.duration), {once: true}); a.load();")
     assert abs(duration - FRAMES / RATE) <= 0.05, duration
     driver.execute_script("window.scrollTo(0, 0)")
-    driver.save_screenshot(str(DOCS / "web-call.png"))
+    screenshot(driver, tmp_path, "web-call.png")
     # seek to the middle: the player asks for a byte range there and gets 206
     caplog.clear()
     seeked = driver.execute_async_script(
