@@ -80,6 +80,7 @@ def test_search_detail_and_filters(web) -> None:
     assert detail["verification"] == "ok" and [p["part"] for p in detail["parts"]] == [0, 1, 2]
     assert all(p["verified"] for p in detail["parts"]) and detail["frames"] == 8000 * 3 + 17
     assert (detail["direction"], detail["dialled"], detail["caller_id"]) == ("outbound", "5551234", None)
+    assert detail["line_label"] == "Sales desk" and calls[0]["line_label"] == "Sales desk"
     assert client.get("/api/calls/nope").status_code == 404
     page = client.get("/calls/c-long")
     assert page.status_code == 200 and "c-long" in page.text and 'name="csrf"' in page.text

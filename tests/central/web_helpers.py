@@ -27,6 +27,8 @@ def build_archive(home: Home, box: Box) -> np.ndarray:
                                                          "dialled": "5551234"})
     segs += box.seal_call("c-short", known_signal(400, seed=9), 1, line="line-2", start_ns=LATER_NS,
                           sensitive={"direction": "inbound", "caller_id": {"number": "0301234567"}})
+    with home.config_path.open("a", encoding="utf-8") as f:
+        f.write('\n[lines]\n"box-1/line-1" = "Sales desk"\n"box-1/line-3" = "Claims"\n')
     intake = SegmentIntake(home)
     for seg in segs:
         outcome = intake.handle(segment_topic(seg.device_id, seg.seq), encode_wire(seg))
