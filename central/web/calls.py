@@ -49,13 +49,18 @@ async def call_page(request: Request) -> Response:
     session = current(request)
     detail = await _detail(request)
     detail["may_play"] = detail["call_id"] in session.grants
-    home = request.app.state.home
-    detail["access"] = [vars(e) for e in accesslog.entries(home)
-                        if e.call_id == detail["call_id"]][::-1][:20] if session.role != "qa" else []
-    record = search.find_call(home, detail["call_id"])
-    detail["holds"] = [vars(h) | {"what": h.describe()} for h in holds.list_holds(home)
-                       if h.covers(record)]
+    detail.update(await run_in_threadpool(_holds_and_access, request.app.state.home,
+                                          detail["call_id"], session.role != "qa"))
     return render(request, "call.html", detail)
+
+
+def _holds_and_access(home: Any, call_id: str, with_access: bool) -> dict[str, Any]:
+    """The holds covering the call and (for auditors) its last 20 accesses, newest first."""
+    record = search.find_call(home, call_id)
+    access = [vars(e) for e in accesslog.entries(home) if e.call_id == call_id][::-1][:20]
+    return {"holds": [vars(h) | {"what": h.describe()} for h in holds.list_holds(home)
+                      if h.covers(record)],
+            "access": access if with_access else []}
 
 
 async def _reason(request: Request) -> str:
