@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from central.home import Home
-from central.web import access, auth, calls, holds
+from central.web import access, archive, auth, calls, holds
 from central.web.session import Denied, Sessions, denied_response, is_api, render
 from central.web.users import LoginThrottle, Users
 from linerec_contract.errors import ApplianceError
@@ -58,6 +58,7 @@ def create_app(home: Home, *, tls: bool = False) -> Starlette:
     app = Starlette(routes=[*auth.routes, *calls.routes, *access.routes, *holds.routes],
                     middleware=[Middleware(SecurityHeaders)],
                     exception_handlers={Denied: _denied, ApplianceError: _bad_input})
+    archive.sweep_cache(home, 0)  # no decoded audio survives a restart
     app.state.home = home
     app.state.tls = tls
     app.state.users = Users(home)

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from linerec_contract.errors import FormatError, UsageError, VerificationError
 from linerec_contract.verify import open_segment_audio, verify_trusted
 
 CACHE_DIR = "web/audio-cache"
+# Decoded audio is clear text on disk: it lives at most this long (and never across a restart
+# of ``web``), so a call retention deletes does not linger in the cache.
+CACHE_TTL_S = 3600
 _SAFE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -178,9 +182,26 @@ def cached_wav(home: Home, call_id: str) -> Path:
     if path.is_file():
         return path
     pcm, rate, _parts = call_pcm(home, call_id)
+    sweep_cache(home, CACHE_TTL_S)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     # A cache: atomic so a reader never sees half a file; losing it only costs a decode.
     atomic_write(path, wav_bytes(pcm, rate))
     os.chmod(path, 0o600)
     return path
+
+
+def sweep_cache(home: Home, older_than_s: float) -> int:
+    """Delete decoded audio older than ``older_than_s`` seconds (0: all); returns how many."""
+    folder = home.root / CACHE_DIR
+    if not folder.is_dir():
+        return 0
+    limit, removed = time.time() - older_than_s, 0
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime <= limit:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # another request swept it
+    return removed

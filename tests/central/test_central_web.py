@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import sys
 import zipfile
@@ -107,6 +108,13 @@ def test_audio_needs_a_reason_plays_exact_and_seeks(web, home: Home) -> None:
     assert part.content == whole.content[1000:2000]
     cache = list((home.root / "web" / "audio-cache").iterdir())
     assert len(cache) == 1 and stat.S_IMODE(cache[0].stat().st_mode) == 0o600
+    os.utime(cache[0], (0, 0))  # an hour old and more: the next decode sweeps it
+    assert client.post("/api/calls/c-short/listen", json={"reason": "QA review"},
+                       headers={"X-CSRF-Token": csrf}).status_code == 200
+    assert cache[0] not in list((home.root / "web" / "audio-cache").iterdir())
+    assert client.get("/api/calls/c-long/audio").content == whole.content  # decoded again
+    create_app(home)  # a restart of web clears the cache
+    assert list((home.root / "web" / "audio-cache").iterdir()) == []
     # QA may not download nor read the access log
     assert client.post("/api/calls/c-long/download", json={"reason": "x" * 5},
                        headers={"X-CSRF-Token": csrf}).status_code == 403
