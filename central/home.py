@@ -42,7 +42,7 @@ from linerec_contract.trust import DeviceTrust, Rotation
 
 CONFIG_NAME = "central.toml"
 # Tables read by central.backends (storage, index) and central.https; checked there.
-BACKEND_TABLES = ("storage", "index", "https")
+BACKEND_TABLES = ("storage", "index", "https", "lines", "retention")
 
 
 def make_dirs(path: Path) -> None:
@@ -137,7 +137,7 @@ def parse_config(path: Path) -> BrokerConfig:
     for top in raw:
         if top not in ("broker", "receiver", "limits", *BACKEND_TABLES):
             raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver], "
-                              "[limits], [storage], [index], [https])")
+                              "[limits], [storage], [index], [https], [lines], [retention])")
     broker = _check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
     receiver = _check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
     limits = _check_table("limits", raw.get("limits", {}), _LIMIT_KEYS, path)

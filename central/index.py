@@ -29,9 +29,10 @@ from typing import Any
 from central.backends import index_config, locator
 from central.home import Home
 from central.store import Store, StoredRef, StoreError
-from linerec_contract.errors import ApplianceError, VerificationError
+from linerec_contract.canonical import canonical_json
+from linerec_contract.errors import ApplianceError, FormatError, VerificationError
 from linerec_contract.segment import SealedSegment
-from linerec_contract.verify import verify_trusted
+from linerec_contract.verify import open_segment_sensitive, verify_trusted
 
 _COLUMNS_SQL = """
     device TEXT NOT NULL,
@@ -67,14 +68,30 @@ SELECT device, line, call_id,
 FROM segments GROUP BY device, line, call_id
 """
 
+# What central learns by opening each segment's sealed metadata with its own identity, plus
+# the clear gap notes; one row per segment, derived from the store (``reindex`` rebuilds it).
+_META_COLUMNS_SQL = """
+    device TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    direction TEXT NOT NULL,
+    caller_id TEXT,
+    dialled TEXT,
+    masked_digits INTEGER NOT NULL,
+    gaps TEXT NOT NULL,
+    meta_status TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+"""
+
 SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS segments ({_COLUMNS_SQL});
+CREATE TABLE IF NOT EXISTS segment_meta ({_META_COLUMNS_SQL});
 CREATE INDEX IF NOT EXISTS segments_call ON segments (call_id, device, part);
 CREATE VIEW IF NOT EXISTS calls AS {_CALLS_SELECT};
 """
 
 PG_SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS segments ({_COLUMNS_SQL})",
+    f"CREATE TABLE IF NOT EXISTS segment_meta ({_META_COLUMNS_SQL})",
     "CREATE INDEX IF NOT EXISTS segments_call ON segments (call_id, device, part)",
     f"CREATE OR REPLACE VIEW calls AS {_CALLS_SELECT}",
 )
@@ -101,6 +118,17 @@ SEGMENT_COLUMNS = (
     "status",
 )
 
+META_COLUMNS = (
+    "device",
+    "seq",
+    "direction",
+    "caller_id",
+    "dialled",
+    "masked_digits",
+    "gaps",
+    "meta_status",
+)
+
 # Built once from the fixed column names above (no user input reaches these texts).
 INSERT_SEGMENT = "INSERT OR REPLACE INTO segments ({}) VALUES ({})".format(  # noqa: S608
     ", ".join(SEGMENT_COLUMNS), ", ".join(f":{c}" for c in SEGMENT_COLUMNS)
@@ -111,6 +139,23 @@ PG_UPSERT_SEGMENT = (
         ", ".join(f"%({c})s" for c in SEGMENT_COLUMNS),
         ", ".join(f"{c} = EXCLUDED.{c}" for c in SEGMENT_COLUMNS[2:]),
     )
+)
+
+INSERT_META = "INSERT OR REPLACE INTO segment_meta ({}) VALUES ({})".format(  # noqa: S608
+    ", ".join(META_COLUMNS), ", ".join(f":{c}" for c in META_COLUMNS)
+)
+PG_UPSERT_META = (
+    "INSERT INTO segment_meta ({}) VALUES ({}) ON CONFLICT (device, seq) DO UPDATE SET {}".format(  # noqa: S608
+        ", ".join(META_COLUMNS),
+        ", ".join(f"%({c})s" for c in META_COLUMNS),
+        ", ".join(f"{c} = EXCLUDED.{c}" for c in META_COLUMNS[2:]),
+    )
+)
+
+
+_WITH_META = (
+    "SELECT s.*, m.direction, m.caller_id, m.dialled, m.masked_digits, m.gaps, m.meta_status "
+    "FROM segments s LEFT JOIN segment_meta m ON m.device = s.device AND m.seq = s.seq"
 )
 
 
@@ -187,6 +232,40 @@ def segment_status(home: Home, seg: SealedSegment) -> str:
     return "ok"
 
 
+def meta_row(seg: SealedSegment, identity: str | None) -> dict[str, Any]:
+    """The segment_meta row of ``seg``: its sealed metadata opened with central's identity.
+
+    ``direction`` is ``inbound`` when the box heard ringing or caller ID before the call,
+    otherwise ``outbound``; ``dialled`` is None when the box kept no digits (PCI masking:
+    ``masked_digits`` counts them). A sealed_meta central cannot open is indexed with empty
+    facts and a ``meta_status`` naming why, never dropped.
+    """
+    sensitive: dict[str, Any] = {}
+    status = "ok"
+    if identity is None:
+        status = "not opened"
+    else:
+        try:
+            sensitive = open_segment_sensitive(seg, identity)
+        except (VerificationError, FormatError) as err:
+            status = f"unreadable: {err}"
+    caller = sensitive.get("caller_id")
+    if isinstance(caller, dict):  # FSK caller ID carries the number and maybe a name
+        caller = caller.get("number") or caller.get("name")
+    dialled = sensitive.get("dialled")
+    masked = sensitive.get("masked_digits", 0)
+    return {
+        "device": seg.device_id,
+        "seq": seg.seq,
+        "direction": "inbound" if sensitive.get("direction") == "inbound" else "outbound",
+        "caller_id": str(caller) if caller else None,
+        "dialled": str(dialled) if dialled else None,
+        "masked_digits": int(masked) if isinstance(masked, int) else 0,
+        "gaps": canonical_json(list(seg.manifest.get("gaps", []))).decode(),
+        "meta_status": status,
+    }
+
+
 class _IndexBase:
     """What both engines answer; subclasses provide ``_query`` and ``add_rows``."""
 
@@ -206,11 +285,34 @@ class _IndexBase:
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
+    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False,
+                 meta: Iterable[dict[str, Any]] = ()) -> None:
         raise NotImplementedError
 
-    def add(self, seg: SealedSegment, ref: StoredRef, status: str = "ok") -> None:
-        self.add_rows([segment_row(seg, ref, status, self.locate)])
+    def add(self, seg: SealedSegment, ref: StoredRef, status: str = "ok",
+            identity: str | None = None) -> None:
+        """Index one stored segment; with ``identity``, also its sealed metadata."""
+        meta = [meta_row(seg, identity)] if identity is not None else []
+        self.add_rows([segment_row(seg, ref, status, self.locate)], meta=meta)
+
+    def segments_with_meta(
+        self, device: str | None = None, line: str | None = None, call_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Segment rows joined with their metadata (None where not indexed), by device, seq."""
+        p = self.placeholder
+        where, args = [], []
+        for clause, value in ((f"s.device = {p}", device), (f"s.line = {p}", line),
+                              (f"s.call_id = {p}", call_id)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        # Only the fixed clauses above are joined; values travel as parameters.
+        cond = " WHERE " + " AND ".join(where) if where else ""
+        sql = f"{_WITH_META}{cond} ORDER BY s.device, s.seq"
+        return self._query(sql, args)
+
+    def delete_segments(self, keys: Iterable[tuple[str, int]]) -> None:
+        raise NotImplementedError
 
     def segments(self, device: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM segments"
@@ -322,12 +424,26 @@ class Index(_IndexBase):
         except sqlite3.Error as err:
             raise IndexDbError(f"{self.path}: cannot read the index: {err}") from err
 
-    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
+    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False,
+                 meta: Iterable[dict[str, Any]] = ()) -> None:
         try:
             with self.db:
                 if replace_all:
                     self.db.execute("DELETE FROM segments")
+                    self.db.execute("DELETE FROM segment_meta")
                 self.db.executemany(INSERT_SEGMENT, rows)
+                self.db.executemany(INSERT_META, meta)
+        except sqlite3.Error as err:
+            raise IndexDbError(f"{self.path}: cannot write the index: {err}") from err
+
+    def delete_segments(self, keys: Iterable[tuple[str, int]]) -> None:
+        pairs = list(keys)
+        try:
+            with self.db:
+                for table in ("segments", "segment_meta"):
+                    self.db.executemany(
+                        f"DELETE FROM {table} WHERE device = ? AND seq = ?",  # noqa: S608
+                        pairs)
         except sqlite3.Error as err:
             raise IndexDbError(f"{self.path}: cannot write the index: {err}") from err
 
@@ -387,13 +503,32 @@ class PgIndex(_IndexBase):
         except self._psycopg.Error as err:
             raise IndexDbError(f"{self.where}: cannot read the index: {_one_line(err)}") from err
 
-    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False) -> None:
+    def add_rows(self, rows: Iterable[dict[str, Any]], *, replace_all: bool = False,
+                 meta: Iterable[dict[str, Any]] = ()) -> None:
         try:
             self._alive()
             with self.db.transaction(), self.db.cursor() as cur:
                 if replace_all:
                     cur.execute("DELETE FROM segments")
-                cur.executemany(PG_UPSERT_SEGMENT, list(rows))
+                    cur.execute("DELETE FROM segment_meta")
+                rows, meta = list(rows), list(meta)
+                if rows:
+                    cur.executemany(PG_UPSERT_SEGMENT, rows)
+                if meta:
+                    cur.executemany(PG_UPSERT_META, meta)
+        except self._psycopg.Error as err:
+            raise IndexDbError(f"{self.where}: cannot write the index: {_one_line(err)}") from err
+
+    def delete_segments(self, keys: Iterable[tuple[str, int]]) -> None:
+        pairs = list(keys)
+        try:
+            self._alive()
+            with self.db.transaction(), self.db.cursor() as cur:
+                for table in ("segments", "segment_meta"):
+                    if pairs:
+                        cur.executemany(
+                            f"DELETE FROM {table} WHERE device = %s AND seq = %s",  # noqa: S608
+                            pairs)
         except self._psycopg.Error as err:
             raise IndexDbError(f"{self.where}: cannot write the index: {_one_line(err)}") from err
 
@@ -422,10 +557,12 @@ def rebuild_index(home: Home) -> int:
     A SQLite file that cannot be opened at all is moved aside (it is derived data) and replaced.
     """
     store = Store(home)
-    rows = []
+    identity = home.identity()
+    rows, meta = [], []
     for ref in store.iter_refs():
         seg = store.load_ref(ref)
         rows.append(segment_row(seg, ref, segment_status(home, seg), store.location))
+        meta.append(meta_row(seg, identity))
     try:
         index = open_index(home)
     except IndexDbError:
@@ -439,5 +576,5 @@ def rebuild_index(home: Home) -> int:
                 extra.rename(aside.with_name(aside.name + suffix))
         index = open_index(home)
     with index:
-        index.add_rows(rows, replace_all=True)
+        index.add_rows(rows, replace_all=True, meta=meta)
     return len(rows)

@@ -46,6 +46,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from central.home import Home, make_dirs
 from central.index import AnyIndex, IndexDbError, open_index
+from central.retention import DeletedSegments
 from central.store import SegmentConflict, Store, StoreError, exclusive_lock
 from linerec_contract.durable import write_status
 from linerec_contract.errors import ConfigError, FormatError, VerificationError
@@ -305,6 +306,8 @@ class SegmentIntake:
                        "malformed": 0, "not_enrolled": 0, "failed": 0}
         self._handle_lock = threading.Lock()
         self._kill_countdown = _kill_after_store_countdown()
+        self.identity = home.identity()  # opens each segment's sealed metadata for the index
+        self.deleted = DeletedSegments(home)
 
     def handle(self, topic: str, payload: bytes | Path) -> Outcome:
         """Verify, store and index one message (its bytes, or a file holding them: then the
@@ -362,6 +365,14 @@ class SegmentIntake:
             seg = self._decode(dev, seq, payload, spooled)
             with self.store.device_lock(dev):
                 self._verify(seg)
+                deleted = self.deleted.manifest_sha256(dev, seq)
+                if deleted == seg.manifest_sha256:
+                    return Outcome(Ack(seq, seg.payload_sha256, "duplicate"), dev,
+                                   "duplicate: deleted by retention, not stored again")
+                if deleted is not None:
+                    return Outcome(Ack(seq, seg.payload_sha256, "rejected",
+                                       "another segment had this seq (deleted by retention)"),
+                                   dev, "rejected: seq deleted by retention")
                 try:
                     result = self.store.put_locked(seg)
                 except SegmentConflict as err:
@@ -376,7 +387,7 @@ class SegmentIntake:
         ref = self.store.ref(dev, seq)
         if self.index is None:
             self.index = open_index(self.home, check_same_thread=False)
-        self.index.add(seg, ref)
+        self.index.add(seg, ref, identity=self.identity)
         if self._kill_countdown is not None and result == "stored":
             self._kill_countdown -= 1
             if self._kill_countdown == 0:

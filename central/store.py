@@ -29,6 +29,7 @@ discards it and writes its own (nothing was acknowledged for it).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import hashlib
 import logging
@@ -353,6 +354,21 @@ class Store:
         if not self.objects.exists(ref.manifest_key):
             return None
         return hashlib.sha256(canonical_json(self.manifest_of(ref))).hexdigest()
+
+    def retained_until(self, dev: str, seq: int) -> dt.datetime | None:
+        """Until when the storage service refuses to delete this segment (Object Lock)."""
+        ref = self.ref(dev, seq)
+        dates = [d for d in (self.objects.retained_until(ref.manifest_key),
+                             self.objects.retained_until(ref.payload_key)) if d is not None]
+        return max(dates) if dates else None
+
+    def delete_expired(self, dev: str, seq: int) -> None:
+        """Remove a segment for good: only retention calls this, after logging the deletion.
+        The manifest (the commit point) goes first, so a crash leaves no half segment."""
+        ref = self.ref(dev, seq)
+        with self.device_lock(dev):
+            self.objects.delete_expired(ref.manifest_key)
+            self.objects.delete_expired(ref.payload_key)
 
     def devices(self) -> list[str]:
         return [name for name in self.objects.list_devices() if DEVICE_ID_RE.match(name)]

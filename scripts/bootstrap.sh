@@ -10,6 +10,7 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev
   age flac sox libsox-fmt-all opus-tools zstd openssl
   tmux postgresql-15 nginx
+  chromium chromium-driver
 )
 NEED_CMDS=(mosquitto age flac sox opusinfo zstd nginx)
 

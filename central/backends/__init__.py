@@ -30,6 +30,7 @@ The tables, all optional (docs/central-backends.md lists every key)::
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,14 @@ class ObjectStore(Protocol):
 
     def list_names(self, device: str) -> list[str]:
         """Object names directly under ``<device>/``."""
+
+    def delete_expired(self, key: str) -> None:
+        """Remove an object for good (retention); refuses what the service still locks."""
+        ...
+
+    def retained_until(self, key: str) -> dt.datetime | None:
+        """Until when the service refuses deletion (S3 Object Lock), None when it does not."""
+        ...
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, as shown to operators and kept in the index: relative to the

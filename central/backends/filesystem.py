@@ -8,6 +8,7 @@ overwritten, not even by a racing receiver process. The folder is fsynced after 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import hashlib
 import os
@@ -92,6 +93,20 @@ class FsObjectStore:
     def discard_uncommitted(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
+
+    def delete_expired(self, key: str) -> None:
+        path = self.path(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # read-only files: only this explicit retention step removes them
+            # Durability: the removal survives a power cut once the folder is synced.
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def retained_until(self, key: str) -> dt.datetime | None:
+        return None
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()

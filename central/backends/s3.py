@@ -140,6 +140,42 @@ class S3ObjectStore:
         except BotoCoreError as err:
             raise S3Error(f"s3://{self.bucket}: cannot reach the object store: {err}") from err
 
+    def retained_until(self, key: str) -> dt.datetime | None:
+        """The latest Object Lock retain-until date of any version of ``key``."""
+        latest: dt.datetime | None = None
+        for version in self._versions(key, markers=False):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(key),
+                                               VersionId=version)
+            except ClientError as err:
+                if _code(err) in _MISSING:
+                    continue
+                raise S3Error(f"{self.location(key)}: cannot read its retention: {err}") from err
+            until = head.get("ObjectLockRetainUntilDate")
+            if until is not None and (latest is None or until > latest):
+                latest = until
+        return latest
+
+    def _versions(self, key: str, *, markers: bool = True) -> list[str]:
+        try:
+            answer = self.client.list_object_versions(Bucket=self.bucket, Prefix=self._key(key))
+        except (ClientError, BotoCoreError) as err:
+            raise S3Error(f"{self.location(key)}: cannot list versions: {err}") from err
+        found = answer.get("Versions", []) + (answer.get("DeleteMarkers", []) if markers else [])
+        return [v["VersionId"] for v in found if v["Key"] == self._key(key)]
+
+    def delete_expired(self, key: str) -> None:
+        """Delete every version (a plain delete would only hide the data behind a marker)."""
+        for version in self._versions(key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key),
+                                          VersionId=version)
+            except ClientError as err:
+                raise S3Error(f"{self.location(key)}: cannot delete (Object Lock?): "
+                              f"{err}") from err
+            except BotoCoreError as err:
+                raise S3Error(f"s3://{self.bucket}: cannot reach the object store: {err}") from err
+
     def read(self, key: str) -> bytes:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))

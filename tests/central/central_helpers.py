@@ -37,6 +37,7 @@ class Box:
         self, call_id: str, signal: np.ndarray, parts: int, *, line: str = "line-1",
         start_frame: int = 48_000, start_ns: int = START_NS, codec: str = "flac",
         key: DeviceKey | None = None, next_key: DeviceKey | None = None,
+        sensitive: dict[str, object] | None = None,
     ) -> list[SealedSegment]:
         """Cut ``signal`` into ``parts`` consecutive, sample-exact parts and seal each (with
         ``key`` instead of the box's own; the last part announcing ``next_key``)."""
@@ -47,7 +48,8 @@ class Box:
             inp = SegmentInput(
                 line=line, call_id=call_id, part=part, last_part=part == parts - 1,
                 start_frame=start_frame + lo, start_wall_ns=start_ns + lo * 1_000_000_000 // RATE,
-                rate=RATE, pcm=signal[lo:hi], sensitive={"dtmf": "1234"}, gaps=[],
+                rate=RATE, pcm=signal[lo:hi],
+                sensitive={"dtmf": "1234"} if sensitive is None else sensitive, gaps=[],
             )
             seg = seal_segment(
                 inp, device_id=self.device_id, seq=self.seq, prev_manifest_sha256=self.prev,

@@ -48,9 +48,9 @@ def archive(home: Home, box: Box) -> tuple[Home, np.ndarray]:
 def test_export_joins_parts_sample_exact(archive, tmp_path: Path, capsys) -> None:
     home, signal = archive
     out = tmp_path / "call.wav"
-    assert run(home, "export", "c-long", "--out", str(out)) == 0
+    assert run(home, "export", "--reason", "qa", "c-long", "--out", str(out)) == 0
     report = capsys.readouterr().out
-    assert "3 part(s)" in report and "OK: wrote" in report and report.count(": ok (") == 3
+    assert "3 part(s)" in report and "OK: wrote" in report and report.count("signature ok") == 3
     audio, rate = sf.read(out, dtype="int16")
     info = sf.info(out)
     assert (rate, info.channels, info.subtype) == (8000, 1, "PCM_16")
@@ -64,7 +64,7 @@ def test_export_fails_on_tampered_part_and_writes_nothing(archive, tmp_path: Pat
     data[-5] ^= 0xFF
     payload.write_bytes(bytes(data))
     out = tmp_path / "call.wav"
-    assert run(home, "export", "c-long", "--out", str(out)) == 1
+    assert run(home, "export", "--reason", "qa", "c-long", "--out", str(out)) == 1
     report = capsys.readouterr().out
     assert "part 1 seq 1" in report and "FAIL" in report and "not written" in report
     assert not out.exists()
@@ -73,7 +73,7 @@ def test_export_fails_on_tampered_part_and_writes_nothing(archive, tmp_path: Pat
 def test_export_fails_on_missing_part(home: Home, box: Box, tmp_path: Path, capsys) -> None:
     parts = box.seal_call("c-gap", known_signal(3000), 3)
     receive(home, [parts[0], parts[2]])
-    assert run(home, "export", "c-gap", "--out", str(tmp_path / "x.wav")) == 1
+    assert run(home, "export", "--reason", "qa", "c-gap", "--out", str(tmp_path / "x.wav")) == 1
     assert "part number 2, expected 1" in capsys.readouterr().out
 
 
@@ -146,9 +146,9 @@ def test_bad_inputs_exit_2_with_one_line(archive, tmp_path: Path, capsys) -> Non
     home, _ = archive
     assert main(["--home", str(tmp_path / "missing"), "calls"]) == 2
     assert "does not exist" in one_line_error(capsys)
-    assert run(home, "export", "no-such-call", "--out", str(tmp_path / "x.wav")) == 2
+    assert run(home, "export", "--reason", "qa", "no-such-call", "--out", str(tmp_path / "x.wav")) == 2
     assert "no call 'no-such-call'" in one_line_error(capsys)
-    assert run(home, "export", "c-long", "--out", str(tmp_path / "nodir" / "x.wav")) == 2
+    assert run(home, "export", "--reason", "qa", "c-long", "--out", str(tmp_path / "nodir" / "x.wav")) == 2
     assert "does not exist" in one_line_error(capsys)
     assert run(home, "calls", "--since", "yesterday") == 2
     assert "--since" in one_line_error(capsys)
@@ -167,13 +167,13 @@ def test_unwritable_out_exits_2(archive, tmp_path: Path, capsys) -> None:
     home, _ = archive
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert run(home, "export", "c-long", "--out", str(locked / "x.wav")) == 2
+    assert run(home, "export", "--reason", "qa", "c-long", "--out", str(locked / "x.wav")) == 2
     assert "cannot write" in one_line_error(capsys)
 
 
 def test_unwritable_out_via_readonly_target(archive, tmp_path: Path, capsys) -> None:
     home, _ = archive
-    assert run(home, "export", "c-long", "--out", "/proc/version") == 2
+    assert run(home, "export", "--reason", "qa", "c-long", "--out", "/proc/version") == 2
     one_line_error(capsys)
 
 

@@ -75,7 +75,7 @@ def test_copied_home_verifies_clean_and_reindex_gives_the_same_index(
     assert "6 segment(s)" in capsys.readouterr().out
     assert dump(copied) == live
 
-    assert cli(copy, "export", "c1", "--out", str(tmp_path / "c1.wav")) == 0
+    assert cli(copy, "export", "--reason", "audit check", "c1", "--out", str(tmp_path / "c1.wav")) == 0
 
 
 def test_files_in_the_store_are_read_only_and_never_replaced(home: Home, box: Box) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from appliance.pki import ensure_pki
+
 from appliance.sync.broker import Broker
 from central.home import Home, init_home
 from central.store import Store

@@ -82,7 +82,7 @@ def test_s3_store_write_once_with_object_lock(
     assert cli(home, "reindex") == 0
     with open_index(home) as index:
         assert index.segments() == rows
-    assert cli(home, "export", "c1", "--out", str(tmp_path / "c1.wav")) == 0
+    assert cli(home, "export", "--reason", "audit check", "c1", "--out", str(tmp_path / "c1.wav")) == 0
 
 
 def test_object_lock_policies(home: Home, s3_server: S3Stand,
