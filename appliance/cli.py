@@ -133,6 +133,11 @@ def build_parser() -> OneLineParser:
     mon.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
     mon.add_argument("--seconds", type=_positive_float, help="stop after this long (default: until q)")
 
+    prov = sub.add_parser("provision", help="the box's keys and enrolment request; install a bundle")
+    prov.add_argument("--config", type=Path)
+    prov.add_argument("--install", type=Path, metavar="BUNDLE", help="central's enrolment bundle")
+    prov.add_argument("--out", type=Path, help="where to write the request (default keys/)")
+
     buf = sub.add_parser("buffer", help="ring journal tools")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, parser_class=OneLineParser)
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
@@ -168,7 +173,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif args.name == "recorder":
         stages.run_recorder_stage(cfg, stop)
     else:
-        stages.run_uplink_stage(cfg, stop)
+        stages.run_uplink_stage(cfg, stop, config_path=args.config)
     return 0
 
 
@@ -277,7 +282,14 @@ def cmd_buffer(args: argparse.Namespace) -> int:
     return buffer_check_command(args.path, as_json=args.json)
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from appliance.provision import provision_command
+
+    return provision_command(_config(args.config), install=args.install, out=args.out)
+
+
 COMMANDS = {
+    "provision": cmd_provision,
     "run": cmd_run,
     "stage": cmd_stage,
     "demo": cmd_demo,

@@ -6,6 +6,7 @@ the key, the value, the line in the file and what is accepted, in one line.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import tomllib
@@ -248,6 +249,11 @@ class SelftestSection(_Section):
         default_factory=list, description="lines tested with the test plug; empty = every line")
 
 
+class FleetSection(_Section):
+    telemetry_interval_s: Annotated[float, Field(
+        ge=1.0, le=3600.0, description="how often the box sends telemetry to central")] = 60.0
+
+
 class Config(_Section):
     device: DeviceSection = Field(default_factory=DeviceSection)
     paths: PathsSection = Field(default_factory=PathsSection)
@@ -258,6 +264,7 @@ class Config(_Section):
     uplink: UplinkSection = Field(default_factory=UplinkSection)
     health: HealthSection = Field(default_factory=HealthSection)
     selftest: SelftestSection = Field(default_factory=SelftestSection)
+    fleet: FleetSection = Field(default_factory=FleetSection)
 
     @model_validator(mode="after")
     def _unique_streams(self) -> Config:
@@ -331,11 +338,44 @@ def parse_config(text: str, origin: str = "<config>") -> Config:
         raise ConfigError(_format_error(err, text, origin)) from err
 
 
+FLEET_OVERRIDES = "fleet/config-overrides.json"
+
+
+def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` laid over ``base``: tables merge key by key, everything else replaces."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_fleet_overrides(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
+    """``cfg`` with the config keys central pushed (``<state_dir>/fleet/config-overrides.json``,
+    written by the fleet agent after the same validation) laid over the file's."""
+    path = cfg.state_dir / FLEET_OVERRIDES
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return cfg
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: pushed config cannot be read: {err}") from err
+    overrides = doc.get("overrides") if isinstance(doc, dict) else None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: expected {{\"version\": N, \"overrides\": {{...}}}}")
+    try:
+        return Config.model_validate(merge_config(raw, overrides))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, "", f"{origin} + {path}")) from err
+
+
 def load_config(path: Path | None) -> Config:
     """Load ``path``; with ``None`` use the box's default file if present, else the defaults."""
     if path is None:
         if not DEFAULT_CONFIG_PATH.exists():
-            return Config()
+            return with_fleet_overrides(Config(), {}, "defaults")
         path = DEFAULT_CONFIG_PATH
     try:
         text = path.read_text(encoding="utf-8")
@@ -343,4 +383,5 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from err
-    return parse_config(text, str(path))
+    cfg = parse_config(text, str(path))
+    return with_fleet_overrides(cfg, tomllib.loads(text), str(path))

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance import procs
-from linerec_contract.durable import ensure_dir
+from linerec_contract.durable import atomic_write, ensure_dir
 from linerec_contract.errors import StateDirError
 
 DEVICE_ID = "demo-box-1"
+FLEET_VIEW_S = 5.0
 
 
 def _prepare_folder(folder: Path | None) -> Path:
@@ -79,6 +80,9 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 ack_timeout_s = 10.0
+
+[fleet]
+telemetry_interval_s = 5.0
 """
 
 
@@ -93,10 +97,11 @@ class Demo:
     """Starts and stops the demo's processes in order."""
 
     def __init__(self, folder: Path, lines: int, *, realtime: bool, seconds: float) -> None:
-        from appliance.pki import ensure_pki
         from appliance.sync.broker import Broker, find_mosquitto
         from linerec_contract.identity import DeviceKey
+        from linerec_contract.pki import ensure_pki
 
+        self._fleet_line, self._fleet_at = "fleet: waiting for the fleet service", 0.0
         find_mosquitto()  # fail early, in one line, before anything is started
         self.folder = folder
         self.central_home = folder / "central"
@@ -107,19 +112,24 @@ class Demo:
         recipient = self._central("init").split()[0]
         box_key = DeviceKey.load_or_create(self.box_dir / "keys" / "device.key")
         self._central("enroll", DEVICE_ID, box_key.public_b64)
-        self.pki = ensure_pki(folder / "pki", [DEVICE_ID, "central"])
+        # The broker runs on the fleet CA of central's home; the box enrols like a real one.
+        self.pki = ensure_pki(self.central_home / "fleet" / "pki", ["central"])
         self.broker = Broker(folder / "broker", self.pki)
         self.port = self.broker.start()
         self.config_path = self.box_dir / "appliance.toml"
+        keys = self.box_dir / "keys"
         self.config_path.write_text(box_config_text(
-            folder, lines=lines, port=self.port, ca=self.pki.ca_cert,
-            cert=self.pki.client_cert(DEVICE_ID), key=self.pki.client_key(DEVICE_ID),
-            recipient=recipient, realtime=realtime, seconds=seconds))
+            folder, lines=lines, port=self.port, ca=keys / "ca.pem", cert=keys / "client.pem",
+            key=keys / "client.key", recipient=recipient, realtime=realtime,
+            seconds=seconds))
+        self._enrol_box()
         self.receiver = self._spawn("receiver", [
             sys.executable, "-m", "central", "--home", str(self.central_home), "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--ca", str(self.pki.ca_cert),
             "--cert", str(self.pki.client_cert("central")),
             "--key", str(self.pki.client_key("central"))])
+        self.fleet = self._spawn("fleet", [
+            sys.executable, "-m", "central", "--home", str(self.central_home), "fleet", "serve"])
         self.box = self._spawn("box", [sys.executable, "-m", "appliance", "run",
                                        "--config", str(self.config_path)])
 
@@ -130,6 +140,23 @@ class Demo:
         if done.returncode != 0:
             raise StateDirError(f"appliance-central {args[0]} failed: {done.stderr.strip()}")
         return done.stdout
+
+    def _enrol_box(self) -> None:
+        """provision -> fleet enroll -> provision --install, as on a real box."""
+        from appliance.config import load_config
+        from appliance.provision import install_bundle, make_request_document
+
+        # central.toml: the fleet tools find the broker without --broker.
+        atomic_write(self.central_home / "central.toml",
+                     f'[broker]\nhost = "127.0.0.1"\nport = {self.port}\n'
+                     f'ca = "{self.pki.ca_cert}"\n'.encode())
+        cfg = load_config(self.config_path)
+        request = self.box_dir / "keys" / "enrolment-request.json"
+        request.write_text(json.dumps(make_request_document(cfg)))
+        bundle = self.folder / f"{DEVICE_ID}.bundle.json"
+        self._central("fleet", "enroll", str(request), "--out", str(bundle),
+                      "--site", "demo", "--tag", "demo")
+        install_bundle(cfg, bundle)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.box_dir / "logs" / f"{name}.log").open("ab") as log:
@@ -143,6 +170,7 @@ class Demo:
         broker_alive = self.broker.running
         box_code = procs.stop(self.box, grace_s=60.0)
         procs.stop(self.receiver, grace_s=20.0)
+        procs.stop(self.fleet, grace_s=20.0)
         self.broker.stop()
         return StopReport(broker_alive=broker_alive, box_code=box_code)
 
@@ -154,7 +182,29 @@ class Demo:
                 out[name] = json.loads((run / f"{name}.json").read_text())
         store = self.central_home / "store" / DEVICE_ID
         out["central_segments"] = len(list(store.glob("*.manifest.json"))) if store.is_dir() else 0
+        # central's view costs a process start: asked at most every FLEET_VIEW_S while online.
+        now = time.monotonic()
+        if now - self._fleet_at >= FLEET_VIEW_S or " online," not in self._fleet_line:
+            self._fleet_line, self._fleet_at = _fleet_view(self.central_home), now
+        out["fleet"] = self._fleet_line
         return out
+
+
+def _fleet_view(home: Path) -> str:
+    """One line: the box as central's fleet service sees it (through central's command line)."""
+    argv = [sys.executable, "-m", "central", "--home", str(home), "fleet", "show", DEVICE_ID,
+            "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return "fleet: waiting for the fleet service"
+    try:
+        shown = json.loads(done.stdout)
+    except ValueError:
+        return "fleet: waiting for the fleet service"
+    st = shown.get("status") or {}
+    tel = shown.get("telemetry") or {}
+    age = f"{time.time() - tel['received_at']:.0f} s ago" if tel.get("received_at") else "none yet"
+    return f"fleet: {DEVICE_ID} {st.get('state', 'not seen yet')}, telemetry {age}"
 
 
 def render(status: dict[str, Any], elapsed: float, total: float) -> str:
@@ -178,6 +228,7 @@ def render(status: dict[str, Any], elapsed: float, total: float) -> str:
         f"outbox backlog: {backlog.get('segments', 0)} ({backlog.get('bytes', 0)} B)   "
         f"link: {up.get('link', 'starting')}   "
         f"stored at central: {status.get('central_segments', 0)}",
+        status.get("fleet", ""),
     ]
     return "\n".join(rows)
 
@@ -279,4 +330,5 @@ def _print_next_steps(folder: Path) -> None:
   export one:   {cmd} export {example} --out call.wav
   segments:     {cmd} segments --json
   audit chain:  {cmd} verify
+  the fleet:    {cmd} fleet ls   (while the demo runs: {cmd} fleet cmd {DEVICE_ID} ping)
 box logs: {folder / 'box' / 'logs'}""")

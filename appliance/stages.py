@@ -77,7 +77,8 @@ def run_recorder_stage(cfg: Config, stop: threading.Event) -> None:
     recorder.run(stop, status_path=cfg.run_dir / "recorder.json")
 
 
-def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
+def run_uplink_stage(cfg: Config, stop: threading.Event,
+                     config_path: Path | None = None) -> None:
     from appliance.sync.outbox import outbox_for
     from appliance.sync.uplink_base import UplinkBase
 
@@ -107,12 +108,18 @@ def run_uplink_stage(cfg: Config, stop: threading.Event) -> None:
                              ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
                              chunk_bytes=u.chunk_bytes)
     else:
+        from appliance.provision import broker_address, central_command_key
+        from appliance.sync.fleet_agent import FleetAgent
         from appliance.sync.uplink import Uplink
+        from appliance.sync.uplink_base import boot_id
 
-        uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=u.host, port=u.port,
+        host, port = broker_address(cfg)
+        agent = FleetAgent(cfg, central_key=central_command_key(cfg), boot_id=boot_id(),
+                           config_path=config_path)
+        uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=host, port=port,
                         ca=ca, cert=cert, key=key, status_path=status_path, window=u.window,
                         ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
-                        chunk_bytes=u.chunk_bytes)
+                        chunk_bytes=u.chunk_bytes, agent=agent)
     uplink.run(stop)
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.pki import ensure_pki  # noqa: E402
 from central.home import Home, init_home  # noqa: E402
 from central.receiver import SegmentIntake  # noqa: E402
 from linerec_contract.identity import DeviceKey  # noqa: E402
+from linerec_contract.pki import ensure_pki  # noqa: E402
 from linerec_contract.protocol import segment_topic  # noqa: E402
 from tests.central.pg_server import PgServer  # noqa: E402
 from tests.sync.helpers import seal_chain  # noqa: E402

@@ -26,11 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.pki import ensure_pki  # noqa: E402
 from appliance.sync.broker import Broker  # noqa: E402
 from central.home import init_home  # noqa: E402
 from central.store import Store  # noqa: E402
 from linerec_contract.identity import DeviceKey  # noqa: E402
+from linerec_contract.pki import ensure_pki  # noqa: E402
 from linerec_contract.protocol import MAX_PACKET_BYTES, segment_topic  # noqa: E402
 from tests.central.central_helpers import Box, known_signal  # noqa: E402
 from tests.central.mqtt_support import LightBox, ReceiverProcess, mqtt_client  # noqa: E402

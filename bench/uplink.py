@@ -29,13 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.pki import ensure_pki  # noqa: E402
 from appliance.sync.broker import Broker  # noqa: E402
 from appliance.sync.outbox import Outbox  # noqa: E402
 from appliance.sync.uplink import Uplink  # noqa: E402
 from central.home import init_home  # noqa: E402
 from central.receiver import Receiver  # noqa: E402
 from linerec_contract.identity import DeviceKey  # noqa: E402
+from linerec_contract.pki import ensure_pki  # noqa: E402
 from tests.sync.helpers import add_wire_segment, seal_chain  # noqa: E402
 from tests.sync.proxy import Proxy  # noqa: E402
 

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
+from central.fleet import cli as fleet_cli
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
@@ -578,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = ret.add_parser("run", help="apply the [retention] policy now (or at --now)")
     q.add_argument("--now", help="ISO time to apply the policy at (default: the clock)")
     q.add_argument("--dry-run", action="store_true", help="show, delete nothing")
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -595,6 +597,7 @@ COMMANDS = {
     "retention": cmd_retention,
     "verify": cmd_verify,
     "reindex": cmd_reindex,
+    "fleet": fleet_cli.cmd_fleet,
 }
 
 

@@ -24,7 +24,8 @@ stored, indexed, and only then answered with the same Ack JSON. A PUT is idempot
 segment again answers ``duplicate``.
 
 Status codes: 200 ``stored``/``duplicate``; 422 ``rejected`` (Ack in the body, quarantined);
-400 bad request; 403 wrong device or no verified certificate; 404 unknown path; 405 method;
+400 bad request; 403 wrong device, no verified certificate or a box not enrolled; 404 unknown
+path; 405 method;
 411/413 missing or oversize length; 429 too many requests from one box (proxy); 503 central
 cannot take it right now (``Retry-After``; nothing was acknowledged).
 
@@ -308,7 +309,10 @@ class IntakeApp:
                               retry_after=True)
             return
         if outcome.ack is None:
-            await self._error(send, 400, outcome.detail)
+            # A box that is not enrolled is refused (never quarantined): 403, as for a
+            # certificate naming another device; anything else refused is a bad request.
+            status = 403 if outcome.refused == "not_enrolled" else 400
+            await self._error(send, status, outcome.detail)
             return
         self.intake.counts[outcome.ack.result] += 1
         self.counts["answered"] += 1

@@ -157,6 +157,7 @@ class Status:
     boot_id: str
     session: int
     ts: float
+    config_version: int = 0  # the fleet config version the box runs (0: none pushed)
     v: int = PROTOCOL_VERSION
 
     def encode(self) -> bytes:
@@ -174,7 +175,10 @@ class Status:
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 1e11:
             raise FormatError(f"status field 'ts' must be a Unix time, got {str(ts)[:40]!r}")
         session = check_int(obj.get("session"), "status field 'session'", 0, 2**63 - 1)
-        return cls(state=state, version=version, boot_id=boot_id, session=session, ts=float(ts))
+        config_version = check_int(obj.get("config_version", 0), "status field 'config_version'",
+                                   0, 2**63 - 1)
+        return cls(state=state, version=version, boot_id=boot_id, session=session, ts=float(ts),
+                   config_version=config_version)
 
 
 # -- chunking (MQTT v5 user properties on rec/v1/<dev>/seg/<seq>) --------------------------------

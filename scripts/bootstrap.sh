@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3-venv python3-dev gcc libc6-dev make
   libasound2 libasound2-dev alsa-utils libportaudio2
-  mosquitto mosquitto-clients
+  mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev
   age flac sox libsox-fmt-all opus-tools zstd openssl
   tmux postgresql-15 nginx
 )

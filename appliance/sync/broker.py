@@ -1,17 +1,26 @@
-"""A private mosquitto for tests, the embedded demo and lab setups.
+"""The fleet broker: the shipped mosquitto configuration, and a private broker run from it.
 
-The broker listens on loopback only, with mutual TLS: every client presents a certificate from
-the PKI's CA and the certificate's common name becomes its MQTT user name and its client id
-(``use_username_as_clientid``: no client can take over another's session, so each receiver has
-a certificate of its own, listed in ``central_users``). The ACL confines each box to
-``rec/v1/<its CN>/#``; the central users may read and write all of ``rec/v1/#`` (plain or
-through a ``$share/<group>/...`` subscription). Mosquitto 2.0 checks read access when it
-delivers, not when a client subscribes, so a box may *join* any shared group (and the broker
-then drops what it would hand that box): central's group name is a secret of the central home
-(see docs/protocol.md), never a fixed word. Persistence is on, so QoS 1 messages queued for
-persistent sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
+The configuration ships with the package in ``linerec_contract/broker_conf/``: ``mosquitto.conf.in``
+(mutual TLS; certificate CN = user name = client id; CRL), ``mosquitto.acl`` (each box confined
+to its own subtree) and ``fleet_acl.c``, a small mosquitto plugin that refuses subscriptions a
+box has no business making (anything outside its subtree, every ``$share/...`` filter).
+:func:`linerec_contract.broker_config.render_config` fills in paths and port; the demo, the tests
+and the OS image all use it.
 
-Everything the broker writes (config, ACL, database, log) stays in ``workdir``.
+Both layers of the broker's security complement each other. The plugin refuses every
+``$share/...`` subscription by a box, so no box can join central's shared group; the group name
+is nonetheless a secret of the central home (``keys/share-group``, see docs/protocol.md), so a
+broker run without the plugin still keeps boxes out of the receivers' group. Each receiver has
+a certificate of its own (``central_users``; every ``central-*`` CN has central's rights too, and
+the fleet CA never issues a box such a CN) and, with ``use_username_as_clientid``, its own
+session. ``max_packet_size`` bounds every message at one chunk plus headers.
+
+:class:`Broker` runs one mosquitto from that configuration for tests, the embedded demo and lab
+setups, listening on loopback. Persistence is on, so QoS 1 messages queued for persistent
+sessions survive a graceful restart (and, up to the autosave interval, a SIGKILL).
+
+Everything the broker writes (config, ACL, database, log) stays in ``workdir``; the compiled
+plugin is cached per user (``$XDG_CACHE_HOME/line-recorder``), keyed by its source's hash.
 """
 
 from __future__ import annotations
@@ -28,10 +37,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from appliance.pki import Pki
 from appliance.procs import owned_preexec
+from linerec_contract.broker_config import CENTRAL_PREFIX, plugin_path, render_acl, render_config
+from linerec_contract.durable import atomic_write
 from linerec_contract.errors import ApplianceError, DependencyError
-from linerec_contract.protocol import MAX_PACKET_BYTES, TOPIC_ROOT
+from linerec_contract.pki import Pki, ensure_crl
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -81,7 +91,12 @@ class Broker:
                  autosave_interval_s: int = AUTOSAVE_INTERVAL_S) -> None:
         self.workdir = workdir
         self.pki = pki
-        self.central_users = central_users  # one certificate per receiver or fleet tool
+        if not central_users:
+            raise ValueError("a broker needs at least one central user")
+        # One certificate per receiver or fleet tool, each its own client id. "central-*" covers
+        # further receiver and fleet-tool certificates (the fleet CA never issues a box a CN
+        # starting with "central").
+        self.central_users = tuple(dict.fromkeys((*central_users, CENTRAL_PREFIX)))
         self.central_user = central_users[0]
         self.autosave_interval_s = autosave_interval_s
         self._port = port
@@ -112,55 +127,29 @@ class Broker:
     def _write_config(self, port: int) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
-        self.acl_path.write_text(
-            "# Written by appliance.sync.broker. User name = certificate CN.\n"
-            "# Every box is confined to its own subtree.\n"
-            f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
-            "\n"
-            "# The central receivers and fleet tools see every box.\n"
-            + "".join(f"user {user}\ntopic readwrite {TOPIC_ROOT}/#\n"
-                      for user in self.central_users)
-        )
+        ensure_crl(self.pki)
+        atomic_write(self.acl_path, render_acl(self.central_users).encode(), mode=0o644)
+        shipped = render_config(
+            port=port, host=self.host, ca=self.pki.ca_cert, cert=self.pki.server_cert,
+            key=self.pki.server_key, crl=self.pki.crl, acl=self.acl_path, plugin=plugin_path(),
+            central_users=self.central_users)
         lines = [
             "# Written by appliance.sync.broker; regenerated on every start.",
-            "per_listener_settings false",
-            "allow_anonymous false",
-            f"acl_file {self.acl_path}",
             "persistence true",
             f"persistence_location {self.data_dir}/",
             f"autosave_interval {self.autosave_interval_s}",
-            "persistent_client_expiration 7d",
-            "max_queued_messages 100000",
-            "max_queued_bytes 0",
-            # Nothing larger than one chunk plus headers (docs/protocol.md): a client sending
-            # more is disconnected, so no message can make central hold more than that.
-            f"max_packet_size {MAX_PACKET_BYTES}",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
             "log_type notice",
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "connection_messages true",
         ]
         if os.geteuid() == 0:
             # Run as root: keep the current user instead of dropping to 'mosquitto', which could
             # not read our 0600 keys.
             lines.append(f"user {getpass.getuser()}")
-        lines += [
-            f"listener {port} {self.host}",
-            "protocol mqtt",
-            f"cafile {self.pki.ca_cert}",
-            f"certfile {self.pki.server_cert}",
-            f"keyfile {self.pki.server_key}",
-            "tls_version tlsv1.2",
-            "require_certificate true",
-            "use_identity_as_username true",
-            # The client id is the certificate's identity: a box cannot take over a receiver's
-            # session (and with it a share of every box's segments) by connecting under its id.
-            "use_username_as_clientid true",
-        ]
-        self.conf_path.write_text("\n".join(lines) + "\n")
+        self.conf_path.write_text(shipped + "\n" + "\n".join(lines) + "\n")
 
     def start(self) -> int:
         """Start mosquitto, wait until it completes TLS handshakes, and return its port."""
@@ -258,6 +247,12 @@ class Broker:
             proc.kill()
             proc.wait()
         self._proc = None
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto reloads its ACL, certificates and CRL (a revoked box is refused
+        from its next connection on)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> int:
         """Graceful stop and start on the same port."""

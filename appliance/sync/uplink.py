@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance import __version__, sdnotify
+from appliance.sync.fleet_agent import FleetAgent
 from appliance.sync.outbox import Outbox
 from appliance.sync.uplink_base import (
     DEFAULT_CHUNK_BYTES,
@@ -111,7 +112,7 @@ class Uplink(UplinkBase):
                  ack_timeout_s: float = 10.0, keepalive_s: int = 30,
                  reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0,
                  rescan_s: float = 5.0, max_kbps: float = 0, order: UploadOrder = "oldest",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, agent: FleetAgent | None = None) -> None:
         super().__init__(device_id=device_id, outbox=outbox, status_path=status_path,
                          window=window, ack_timeout_s=ack_timeout_s, rescan_s=rescan_s,
                          max_kbps=max_kbps, order=order, chunk_bytes=chunk_bytes)
@@ -127,6 +128,7 @@ class Uplink(UplinkBase):
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self._tls = tls_context(ssl.Purpose.SERVER_AUTH, ca, cert, key, what="uplink")
         self._boot_id = boot_id()
+        self.agent = agent  # the fleet agent shares this connection (None: segments only)
 
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
         self._client: mqtt.Client | None = None
@@ -140,6 +142,8 @@ class Uplink(UplinkBase):
         self._partial: _Partial | None = None
         self._throttled = False
         self._announced: set[tuple[int, int]] = set()
+        if agent is not None:
+            agent.link_state = lambda: str(self._link)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -161,7 +165,8 @@ class Uplink(UplinkBase):
 
     def _status(self, state: str, session: int) -> Status:
         return Status(state="online" if state == "online" else "offline", version=__version__,
-                      boot_id=self._boot_id, session=session, ts=time.time())
+                      boot_id=self._boot_id, session=session, ts=time.time(),
+                      config_version=self.agent.config_version() if self.agent else 0)
 
     # -- paho callbacks (paho's network thread: no file work here except the session counter) --
 
@@ -184,7 +189,11 @@ class Uplink(UplinkBase):
                       self._session_path(), err.strerror)
         client.publish(status_topic(self.device_id), self._status("online", session).encode(),
                        qos=1, retain=True)
-        client.subscribe(ack_topic(self.device_id), qos=1)
+        # One SUBSCRIBE: acks first (segments flow once it is granted), then the agent's topics.
+        extra = self.agent.subscriptions() if self.agent else []
+        client.subscribe([(ack_topic(self.device_id), 1), *[(t, 1) for t in extra]])
+        if self.agent is not None:
+            self.agent.on_connect()
         with self._lock:
             self._session = session
             self._link = Link.CONNECTED
@@ -195,10 +204,13 @@ class Uplink(UplinkBase):
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
-        if any(rc.is_failure for rc in reason_codes):
+        if reason_codes and reason_codes[0].is_failure:
             log.error("uplink: broker refused subscription to %s: %s; no segment will be sent",
-                      ack_topic(self.device_id), ", ".join(str(rc) for rc in reason_codes))
+                      ack_topic(self.device_id), reason_codes[0])
             return
+        if any(rc.is_failure for rc in reason_codes[1:]):
+            log.error("uplink: broker refused the fleet agent's subscriptions (%s): no commands "
+                      "or pushed config will arrive", ", ".join(str(rc) for rc in reason_codes[1:]))
         with self._lock:
             self._link = Link.READY
             self._ready_gen += 1
@@ -213,6 +225,10 @@ class Uplink(UplinkBase):
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.agent is not None and self.agent.handles(msg.topic):
+            self.agent.on_message(msg)
+            self._wake.set()
+            return
         try:
             if msg.topic != ack_topic(self.device_id):
                 raise FormatError(f"unexpected topic (this box only takes "
@@ -329,6 +345,13 @@ class Uplink(UplinkBase):
                 if link is Link.READY and self._client is not None and not lost:
                     self._announce_losses(self._client)
                     self._send(self._client)
+                    if self.agent is not None:
+                        self.agent.tick(self._client)
+                        if self.agent.take_status_dirty():
+                            self._client.publish(
+                                status_topic(self.device_id),
+                                self._status("online", self._session).encode(), qos=1,
+                                retain=True)
                 if now >= next_status:
                     self._housekeeping()
                     self._write_status()
@@ -347,6 +370,8 @@ class Uplink(UplinkBase):
                     sending: bool) -> float:
         now = time.monotonic()
         deadlines = [next_rescan, next_status]
+        if sending and self.agent is not None:
+            deadlines.append(self.agent.next_deadline())
         if self._client is None:
             deadlines.append(next_connect)
         if sending:

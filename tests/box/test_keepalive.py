@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pki import ensure_pki
 from appliance.sdnotify import Notifier
+from linerec_contract.pki import ensure_pki
 from tests.box.support import RECIPIENT, descendants, reap_leftovers, sim_config, wait_for
 
 INTERVAL_USEC = 400_000  # keep-alive due every 0.4 s: the stage sends one every 0.2 s

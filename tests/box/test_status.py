@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from appliance.pki import ensure_pki
+from linerec_contract.pki import ensure_pki
 from tests.box.support import (
     RECIPIENT,
     appliance,

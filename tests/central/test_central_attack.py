@@ -26,11 +26,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.pki import ensure_pki
 from appliance.sync.broker import Broker
 from central.home import Home, init_home
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import ensure_pki
 from linerec_contract.protocol import (
     CHUNK_PROP,
     CHUNK_SHA_PROP,

@@ -17,12 +17,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import central.receiver as receiver_module
-from appliance.pki import ensure_pki
 from appliance.sync.broker import Broker
 from central.home import Home
 from central.receiver import Receiver
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import ensure_pki
 from linerec_contract.protocol import Ack, ack_topic, segment_topic
 from linerec_contract.segment import SealedSegment, decode_wire, encode_wire
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pki import ensure_pki
 from appliance.sync.broker import Broker
 from central.home import init_home
 from central.index import Index
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import ensure_pki
 
 from .central_helpers import Box, known_signal
 from .mqtt_support import LightBox, ReceiverProcess

@@ -29,10 +29,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.pki import Pki, ensure_pki
 from appliance.sync.broker import Broker
 from central.home import Home, init_home
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import Pki, ensure_pki
 from linerec_contract.protocol import Ack, ack_topic, segment_topic
 from linerec_contract.segment import encode_wire
 
@@ -128,8 +128,10 @@ def test_receivers_share_broker_s3_and_postgresql(
         capsys: pytest.CaptureFixture[str]) -> None:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.skip("mosquitto is not installed (scripts/bootstrap.sh installs it)")
-    pki = ensure_pki(tmp_path / "pki", ["central", *BOXES])
-    broker = Broker(tmp_path / "broker", pki)
+    # One certificate per receiver machine: the broker makes a certificate's CN its client id.
+    machines = tuple(f"central-machine-{i}" for i in range(receivers))
+    pki = ensure_pki(tmp_path / "pki", [*machines, *BOXES])
+    broker = Broker(tmp_path / "broker", pki, central_users=machines)
     broker.start()
     bucket = s3_server.bucket(object_lock=True)
 
@@ -137,13 +139,14 @@ def test_receivers_share_broker_s3_and_postgresql(
     keys = {dev: DeviceKey.generate() for dev in BOXES}
     for dev, key in keys.items():
         first.enroll(dev, key.public_b64)
+    first.share_group()  # the receivers' secret group, copied to every machine with the keys
     homes = [first] + [Home(Path(shutil.copytree(first.root, tmp_path / f"machine-{i}")))
                        for i in range(1, receivers)]
     for i, home in enumerate(homes):
         home.config_path.write_text(
             f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nca = "{pki.ca_cert}"\n'
-            f'cert = "{pki.client_cert("central")}"\nkey = "{pki.client_key("central")}"\n'
-            f'[receiver]\nclient_id = "central-machine-{i}"\n'
+            f'cert = "{pki.client_cert(machines[i])}"\nkey = "{pki.client_key(machines[i])}"\n'
+            f'[receiver]\nclient_id = "{machines[i]}"\n'
             + s3_server.toml(bucket) + f'[index]\nbackend = "postgresql"\ndsn = "{pg_dsn}"\n')
 
     wires: dict[str, list[bytes]] = {}

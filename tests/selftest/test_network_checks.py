@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.pki import Pki, ensure_pki
 from appliance.selftest import CheckResult, Verdict, run_selftest
 from appliance.sync.broker import Broker, free_port
+from linerec_contract.pki import Pki, ensure_pki
 
 NETWORK = ["dns", "central-reachable", "uplink-tls", "uplink-auth"]
 

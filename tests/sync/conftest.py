@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from appliance.pki import Pki, ensure_pki
 from appliance.sync.broker import Broker
 from appliance.sync.outbox import Outbox
 from appliance.sync.uplink import Uplink
+from linerec_contract.pki import Pki, ensure_pki
 
 from .helpers import Client, FakeCentral
 
@@ -23,7 +23,7 @@ BOXES = ["box1", "box2"]
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     # "central-tool": a second central identity for test clients beside the receiver (the broker
     # makes the certificate's CN the client id, so two clients never share one).
-    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central", "central-tool"])
+    return ensure_pki(tmp_path_factory.mktemp("pki"), [*BOXES, "central", "central-tool", "central-2"])
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.pki import Pki
 from appliance.sync.broker import Broker
 from appliance.sync.outbox import Outbox
+from linerec_contract.pki import Pki
 from linerec_contract.protocol import (
     SEGMENT_SUBSCRIPTION,
     Ack,

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pki import Pki
 from appliance.sync.broker import Broker, free_port
 from appliance.sync.outbox import Outbox
 from central.home import Home, init_home
 from central.receiver import FAILPOINT_ENV
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import Pki
 
 from .helpers import add_wire_segment, seal_chain
 from .proxy import Proxy

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.pki import ensure_pki
 from appliance.sync import broker as broker_mod
 from appliance.sync.broker import Broker
 from linerec_contract.errors import DependencyError, FormatError
+from linerec_contract.pki import ensure_pki
 
 from .helpers import Client, wait_until
 
@@ -64,8 +64,12 @@ def test_box_is_confined_to_its_own_subtree(client: Callable[..., Client]) -> No
     box1 = client("box1")
     box2 = client("box2")
     central = client("central")
+    box1.wait_connected()
     for topic in ("rec/v1/#", "rec/v1/box2/#", "rec/v1/+/seg/+"):
-        box1.subscribe(topic)
+        _, mid = box1.c.subscribe(topic, qos=1)
+        wait_until(lambda mid=mid: mid in box1.suback, f"SUBACK for {topic}")
+        assert [str(rc) for rc in box1.suback[mid]] == ["Not authorized"], topic
+    box1.subscribe("rec/v1/box1/#")
     central.subscribe("rec/v1/#")
     box2.wait_connected()
 
@@ -80,7 +84,7 @@ def test_box_is_confined_to_its_own_subtree(client: Callable[..., Client]) -> No
     wait_until(lambda: "rec/v1/box1/ack" in box1.topics(), "marker at box1")
     wait_until(lambda: "rec/v1/box1/ack" in central.topics(), "marker at central")
     assert not [t for t in box1.topics() if t.startswith("rec/v1/box2/")]
-    assert "rec/v1/box1/seg/1" in box1.topics()  # positive control: own subtree is readable
+    assert "rec/v1/box1/seg/1" not in box1.topics()  # a box writes its segments, never reads
     assert "rec/v1/box2/seg/7" not in central.topics()
     assert "rec/v1/box1/seg/1" in central.topics()
     assert "rec/v1/box2/telemetry" in central.topics()

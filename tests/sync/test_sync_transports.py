@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pki import Pki
 from appliance.sync.broker import Broker
 from appliance.sync.https_uplink import HttpsUplink
 from appliance.sync.outbox import Outbox
@@ -19,6 +18,7 @@ from central.https import SegmentServer
 from central.receiver import Receiver
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import Pki
 from linerec_contract.protocol import Ack, ChunkInfo, segment_topic
 from linerec_contract.segment import decode_wire
 

@@ -7,7 +7,11 @@ enrols boxes against central IT's own CA.
 
 Layout under the PKI folder::
 
-    ca.crt  ca.key  server.crt  server.key  clients/<name>.crt  clients/<name>.key
+    ca.crt  ca.key  crl.pem  server.crt  server.key  clients/<name>.crt  clients/<name>.key
+
+``crl.pem`` is the CA's revocation list, which the broker enforces (``crlfile``); it starts
+empty and :func:`write_crl` replaces it when a box is revoked. :func:`sign_request` issues a
+client certificate for a box's certificate request (enrolment); the box's key never leaves it.
 
 :func:`ensure_pki` is idempotent: files that already exist are kept (and reused to sign new
 client certificates), so calling it again with more client names only adds those. Keys are
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from linerec_contract.durable import atomic_write, ensure_dir
-from linerec_contract.errors import FormatError, StateDirError
+from linerec_contract.errors import ConfigError, FormatError, StateDirError
 from linerec_contract.protocol import DEVICE_ID_RE
 
 CA_DAYS = 3650
@@ -49,6 +54,10 @@ class Pki:
     @property
     def ca_key(self) -> Path:
         return self.dir / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.pem"
 
     @property
     def server_cert(self) -> Path:
@@ -156,8 +165,22 @@ def _make_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 def _leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, *,
           server: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
+    return _leaf_for(ca_cert, ca_key, cn, key.public_key(), server=server), key
+
+
+def _leaf_for(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str,
+              public: ec.EllipticCurvePublicKey, *, server: bool,
+              names: tuple[str, ...] = (*SERVER_HOSTS, *SERVER_IPS)) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
     builder = (
-        _builder(cn, ca_cert.subject, key, LEAF_DAYS)
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -178,10 +201,14 @@ def _leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str
         )
     )
     if server:
-        alt_names: list[x509.GeneralName] = [x509.DNSName(h) for h in SERVER_HOSTS]
-        alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVER_IPS]
+        alt_names: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt_names.append(x509.DNSName(name))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def ensure_pki(dir: Path, clients: list[str]) -> Pki:
@@ -211,4 +238,107 @@ def ensure_pki(dir: Path, clients: list[str]) -> Pki:
         if not (pki.client_cert(name).exists() and pki.client_key(name).exists()):
             cert, key = _leaf(ca_cert, ca_key, name, server=False)
             _write_pair(pki.client_cert(name), pki.client_key(name), cert, key)
+    ensure_crl(pki)
     return pki
+
+
+def load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA certificate and key (StateDirError when the folder has none)."""
+    if not (pki.ca_cert.is_file() and pki.ca_key.is_file()):
+        raise StateDirError(f"{pki.dir} holds no CA ({pki.ca_cert.name} and {pki.ca_key.name})")
+    return _load_cert(pki.ca_cert), _load_key(pki.ca_key)
+
+
+def write_crl(pki: Pki, revoked: dict[int, float]) -> None:
+    """Replace the CA's revocation list: ``revoked`` maps certificate serials to revocation
+    times (Unix seconds). The broker reads it on start and on SIGHUP."""
+    ca_cert, ca_key = load_ca(pki)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=CA_DAYS))
+    )
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(dt.datetime.fromtimestamp(when, dt.UTC))
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    # Durability: a revocation reported as done must survive a power cut (fsynced, renamed).
+    atomic_write(pki.crl, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def ensure_crl(pki: Pki) -> None:
+    """An empty revocation list when the CA has none yet (mosquitto needs the file)."""
+    if not pki.crl.exists():
+        write_crl(pki, {})
+
+
+def revoked_serials(pki: Pki) -> dict[int, float]:
+    """Serial -> revocation time of every certificate on the CA's list."""
+    if not pki.crl.exists():
+        return {}
+    try:
+        crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    except ValueError as err:
+        raise FormatError(f"{pki.crl} is not a PEM certificate revocation list: {err}") from err
+    return {r.serial_number: r.revocation_date_utc.timestamp() for r in crl}
+
+
+def make_request(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
+    """A PEM certificate request for ``device_id`` (CN), signed with the box's TLS key."""
+    _check_name(device_id)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def parse_request(pem: bytes, what: str) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """The device id (CN) and public key of a certificate request whose signature checks."""
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError as err:
+        raise FormatError(f"{what} is not a PEM certificate request: {err}") from err
+    if not csr.is_signature_valid:
+        raise FormatError(f"{what}: the request's signature does not match its key")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise FormatError(f"{what}: the request must name exactly one common name (the device id)")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise FormatError(f"{what}: the request's key is {type(public).__name__}; "
+                          f"an EC (P-256) key is expected")
+    return _check_name(names[0].value), public
+
+
+def sign_request(pki: Pki, device_id: str, public: ec.EllipticCurvePublicKey) -> x509.Certificate:
+    """A client certificate for ``device_id`` from the CA (the box keeps its key)."""
+    ca_cert, ca_key = load_ca(pki)
+    return _leaf_for(ca_cert, ca_key, _check_name(device_id), public, server=False)
+
+
+def issue_server(pki: Pki, names: list[str], cert_path: Path, key_path: Path) -> None:
+    """A broker certificate for ``names`` (host names or addresses) from the CA."""
+    if not names or not all(re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", n) for n in names):
+        raise ConfigError(f"broker names {names!r} must be host names or IP addresses")
+    ca_cert, ca_key = load_ca(pki)
+    key = _new_key()
+    cert = _leaf_for(ca_cert, ca_key, names[0], key.public_key(), server=True, names=tuple(names))
+    _write_pair(cert_path, key_path, cert, key)
+
+
+def new_tls_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh P-256 key for a box's TLS client certificate."""
+    return _new_key()
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return _key_pem(key)
+

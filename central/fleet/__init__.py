@@ -1,0 +1,1 @@
+"""Fleet management at central: enrolment, the fleet store, the MQTT fleet service, commands."""

@@ -1,0 +1,140 @@
+"""The fleet service: records every box's status, telemetry, events, command results and
+reported config in the fleet store (``appliance-central fleet serve``).
+
+One MQTT v5 connection with a ``central-fleet-*`` certificate, plain (not shared) QoS 1
+subscriptions to the fleet topics of every box. Each message is parsed completely and bounded
+(64 KiB) before it touches the store; the device is the one in the topic (the broker lets a box
+write only its own subtree), and a message that claims another device or does not parse is
+counted and ignored, logged at most once a minute per device.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from central.fleet.link import BrokerAddress
+from central.fleet.store import FleetStore
+from linerec_contract.errors import FormatError
+from linerec_contract.fleet_protocol import (
+    FLEET_SUBSCRIPTIONS,
+    CommandResult,
+    ReportedConfig,
+    load_message,
+    parse_fleet_topic,
+)
+from linerec_contract.protocol import Status
+
+log = logging.getLogger("central.fleet")
+
+LOG_EVERY_S = 60.0
+# Per box: a healthy box sends a status per connection, telemetry every interval (>= 1 s) and a
+# few events; more than RATE_PER_S messages a second (bursts of RATE_BURST) are dropped and
+# counted, so one box cannot keep the fleet service busy for the others.
+RATE_PER_S = 5.0
+RATE_BURST = 50.0
+
+
+class _Allowance:
+    """A per-box message budget (token bucket)."""
+
+    def __init__(self) -> None:
+        self.tokens = RATE_BURST
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.at) * RATE_PER_S)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class FleetService:
+    def __init__(self, store: FleetStore, address: BrokerAddress, tls: ssl.SSLContext, *,
+                 keepalive_s: int = 30) -> None:
+        self.store = store
+        self.address = address
+        self.tls = tls
+        self.keepalive_s = keepalive_s
+        self.ready = threading.Event()
+        self.counters: dict[str, int] = {"messages": 0, "ignored": 0, "stale_deaths": 0,
+                                         "rate_limited": 0}
+        self._last_log: dict[str, float] = {}
+        self._allowance: dict[str, _Allowance] = {}
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Record one message (any thread; the store serialises writes)."""
+        self.counters["messages"] += 1
+        try:
+            dev, kind = parse_fleet_topic(topic)
+            if not self._allowance.setdefault(dev, _Allowance()).take():
+                self.counters["rate_limited"] += 1
+                raise FormatError(f"more than {RATE_PER_S:g} messages a second from {dev}: "
+                                  f"dropped")
+            if kind == "status":
+                status = Status.decode(payload)
+                if not self.store.record_status(dev, asdict(status)):
+                    self.counters["stale_deaths"] += 1
+            elif kind == "telemetry":
+                obj = load_message(payload, "telemetry")
+                if obj.get("device", dev) != dev:
+                    raise FormatError(f"telemetry claims device {obj.get('device')!r}")
+                self.store.record_telemetry(dev, obj)
+            elif kind == "event":
+                obj = load_message(payload, "event")
+                if not isinstance(obj.get("kind"), str):
+                    raise FormatError("event field 'kind' must be a string")
+                self.store.record_event(dev, obj)
+            elif kind == "cmd/res":
+                result = CommandResult.decode(payload)
+                if result.device != dev:
+                    raise FormatError(f"command result claims device {result.device!r}")
+                self.store.record_result(dev, asdict(result))
+            else:
+                self.store.record_reported(dev, asdict(ReportedConfig.decode(payload)))
+        except (FormatError, ValueError) as err:
+            self.counters["ignored"] += 1
+            key = topic.split("/")[2] if topic.count("/") >= 2 else topic
+            now = time.monotonic()
+            if now - self._last_log.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+                self._last_log[key] = now
+                log.warning("ignored message on %s: %s", topic, err)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("broker refused the fleet service: %s", rc)
+            return
+        client.subscribe([(t, 1) for t in FLEET_SUBSCRIPTIONS])
+        log.info("fleet service connected to %s:%d", self.address.host, self.address.port)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _m: int, rcs: list[ReasonCode], _p: Any) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("broker refused fleet subscriptions: %s", ", ".join(map(str, rcs)))
+            return
+        self.ready.set()
+
+    def run(self, stop: threading.Event) -> None:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+        client.tls_set_context(self.tls)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = lambda _c, _u, msg: self.handle(msg.topic, bytes(msg.payload))
+        client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s)
+        client.loop_start()
+        try:
+            stop.wait()
+        finally:
+            client.disconnect()
+            client.loop_stop()
