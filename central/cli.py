@@ -20,6 +20,7 @@ from central.fleet import cli as fleet_cli
 from central.home import Home, init_home, open_home
 from central.index import open_index, rebuild_index
 from central.receiver import Receiver
+from central.retention import start_retention
 from central.search import CallFilter, find_calls
 from central.store import Store, StoreError
 from linerec_contract.errors import ApplianceError, ConfigError, UsageError
@@ -118,6 +119,7 @@ def cmd_serve(home: Home, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    start_retention(home, stop)  # the [retention] policy, applied every run_every_hours
     receiver.run(stop)
     return 0
 
@@ -142,6 +144,7 @@ def cmd_serve_https(home: Home, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    start_retention(home, stop)  # the [retention] policy, applied every run_every_hours
     if args.external_proxy:
         ready = f"serving the intake on {server.socket_path} (behind your proxy)"
     else:

@@ -284,8 +284,8 @@ def deletion_audit(home: Home) -> DeletionAudit:
 
 def retention_loop(home: Home, stop: threading.Event, *, first_delay_s: float = 60.0,
                    every_s: float | None = None) -> None:
-    """Retention now and then (``run_every_hours``) until ``stop``, for a long-running process.
-    A failed run is logged and retried at the next turn. (Not started by ``serve`` yet.)"""
+    """What ``serve`` runs in a thread: retention now and then (``run_every_hours``), until
+    ``stop``. A failed run is logged and retried at the next turn; it never stops the intake."""
     wait = first_delay_s
     while not stop.wait(wait):
         try:
@@ -302,6 +302,13 @@ def retention_loop(home: Home, stop: threading.Event, *, first_delay_s: float = 
         except (ApplianceError, OSError) as err:
             log.error("retention run failed: %s", err)
             wait = every_s if every_s is not None else 3600.0
+
+
+def start_retention(home: Home, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=retention_loop, args=(home, stop), name="retention",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 class DeletedSegments:
