@@ -558,7 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     sub.add_parser("reindex", help="rebuild the index from the store")
-    fleet_cli.add_parser(sub)
     p = sub.add_parser("report", help="calls and minutes per device, line and day (UTC)")
     p.add_argument("--since", help="calls starting at or after (ISO)")
     p.add_argument("--until", help="calls starting before (ISO)")
@@ -585,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--now", help="ISO time to apply the policy at (default: the clock)")
     q.add_argument("--dry-run", action="store_true", help="show, delete nothing")
     web_cli.add_parsers(sub)
+    fleet_cli.add_parser(sub)
     return parser
 
 
