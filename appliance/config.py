@@ -365,8 +365,8 @@ def with_fleet_overrides(cfg: Config, raw: dict[str, Any], origin: str) -> Confi
     path = cfg.state_dir / FLEET_OVERRIDES
     try:
         doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return cfg
+    except (FileNotFoundError, NotADirectoryError):
+        return cfg  # nothing pushed (or no state folder: the stage reports that one itself)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: pushed config cannot be read: {err}") from err
     overrides = doc.get("overrides") if isinstance(doc, dict) else None
