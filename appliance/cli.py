@@ -101,6 +101,8 @@ def build_parser() -> OneLineParser:
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
     chk.add_argument("path", type=Path)
     chk.add_argument("--json", action="store_true")
+
+    sub.add_parser("boot-check", help="health gate of a new root slot: selftest and a sealed test call")
     return p
 
 
@@ -201,6 +203,12 @@ def cmd_buffer(args: argparse.Namespace) -> int:
     return buffer_check_command(args.path, as_json=args.json)
 
 
+def cmd_boot_check(args: argparse.Namespace) -> int:
+    from appliance.bootcheck import boot_check_command
+
+    return boot_check_command()
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -212,6 +220,7 @@ COMMANDS = {
     "buffer": cmd_buffer,
     "keys": cmd_keys,
     "analyze": cmd_analyze,
+    "boot-check": cmd_boot_check,
 }
 
 
