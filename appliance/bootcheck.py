@@ -25,7 +25,7 @@ RATE = 8000
 SEGMENT_WAIT_S = 180.0
 
 
-def test_call_pcm(seed: int = 17) -> np.ndarray:
+def boot_check_call(seed: int = 17) -> np.ndarray:
     """2 s of quiet line, a 6 s "call" of band-limited noise in syllables (3 per second, levels
     varying like speech), then 8 s of quiet line (int16 mono)."""
     rng = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def check_sealed_segment(work: Path) -> tuple[bool, str]:
         verify_segment,
     )
 
-    pcm = test_call_pcm()
+    pcm = boot_check_call()
     wav = work / "call.wav"
     soundfile.write(wav, pcm, RATE, subtype="PCM_16")
     secret, recipient = generate_age_identity()

@@ -84,6 +84,12 @@ mmdebstrap --variant=minbase --arch="$ARCH" --include="$(IFS=,; echo "${PACKAGES
   "$SUITE" "$ROOT" \
   "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" "deb $SECURITY_MIRROR $SUITE-security main"
 
+# The root is read-only, so the machine id is set here, once per image (mmdebstrap leaves it
+# empty): journald then keeps one bounded journal folder across boots. DHCP identifies the box
+# by its MAC (80-wired.network), not by this id.
+python3 -c 'import uuid; print(uuid.uuid4().hex)' > "$ROOT/etc/machine-id"
+ln -sf /etc/machine-id "$ROOT/var/lib/dbus/machine-id"
+
 # 3. The boot partition: GRUB (built inside the root, so it matches the target architecture),
 # its script and the environment block that holds the A/B order and the boot counters.
 log "boot partition"

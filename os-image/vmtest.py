@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 RATE = 8000
 SYNC_INTERVAL_MS = 500
 RECORD_FRAMES = RATE * 20 // 1000  # capture.period_ms = 20
-BOOT_TIMEOUT_S = 300.0
+BOOT_TIMEOUT_S = 900.0  # TCG on a busy machine boots in minutes
+KVM_PROBE_S = 60.0
 
 
 class CheckFailed(Exception):
@@ -186,13 +187,32 @@ class VM:
         self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
         if not self.kvm:
             print("WARNING: /dev/kvm is not usable: falling back to TCG emulation (slow)", flush=True)
+        self.accel_probed = False
 
     def start(self) -> Console:
+        con = self._start()
+        if self.kvm and not self.accel_probed:
+            # Some hosts (nested virtualisation) open /dev/kvm but cannot run the firmware.
+            self.accel_probed = True
+            try:
+                con.wait_for(r"booting slot", KVM_PROBE_S)
+            except CheckFailed:
+                err = (self.work / "qemu.stderr").read_text(errors="replace").strip().splitlines()
+                self.power_cut()
+                self.boots -= 1
+                self.kvm = False
+                print("WARNING: KVM cannot run this guest here (no boot loader output in "
+                      f"{KVM_PROBE_S:.0f} s{': ' + err[0] if err else ''}): falling back to TCG "
+                      "emulation (slow)", flush=True)
+                con = self._start()
+        return con
+
+    def _start(self) -> Console:
         self.boots += 1
         sock = self.work / f"console-{self.boots}.sock"
         argv = [
             "qemu-system-x86_64", "-machine", f"q35,accel={'kvm' if self.kvm else 'tcg'}",
-            "-m", "1024", "-smp", "1", "-nographic", "-monitor", "none",
+            "-m", "1024", "-smp", "1" if self.kvm else "2", "-nographic", "-monitor", "none",
             "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
             "-drive", f"if=pflash,format=raw,file={self.vars}",
             "-drive", f"file={self.disk},format=raw,if=virtio,cache=writeback",
@@ -233,7 +253,7 @@ def make_test_disk(image: Path, work: Path, layout: dict[str, int]) -> tuple[Pat
     subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
     # Console shell and snd-aloop, through the GRUB environment on the ESP of the copy.
     env = read_grubenv(disk, layout["ESP_OFFSET_MB"])
-    env["EXTRA_CMDLINE"] = "appliance.debug_console modules_load=snd-aloop"
+    env["EXTRA_CMDLINE"] = "appliance.debug_console modules_load=snd-aloop systemd.show_status=error"
     write_grubenv(work / "grubenv", env)
     subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{layout['ESP_OFFSET_MB']}M", str(work / "grubenv"),
                     "::/EFI/BOOT/grubenv"], check=True)
@@ -328,9 +348,13 @@ def boot_and_basics(vm: VM, rep: Report, first: bool) -> Console:
     con = vm.start()
     took = vm.login()
     rep.ok(f"boot {vm.boots}: root shell on the serial console after {took:.0f} s")
-    state = wait_until(con, "systemctl is-system-running --wait | grep -x running", 180,
-                       "system state 'running'")
-    rep.check(state.strip() == "running", "systemd reached 'running' (no failed unit)")
+    rc, state = con.run("systemctl is-system-running --wait", timeout=BOOT_TIMEOUT_S, check=False)
+    if state.strip() != "running":
+        _, failed = con.run("systemctl --failed --no-legend; for u in $(systemctl --failed --no-legend "
+                            "--plain | cut -d' ' -f1); do journalctl -b -u $u -o cat | tail -8; done",
+                            timeout=120, check=False)
+        raise CheckFailed(f"system state {state.strip()!r}, not 'running': {failed}")
+    rep.ok("systemd reached 'running' (no failed unit)")
     if not first:
         return con
     units = "appliance-capture@main appliance-recorder appliance-uplink appliance-provision"
@@ -433,8 +457,8 @@ def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
 
 def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> None:
     con.run("mkdir -p /mnt/bundles && mount -o ro /dev/vdb /mnt/bundles")
-    st = con.run("rauc status --output-format=shell | grep -E '^RAUC_(SYSTEM_BOOTED_BOOTNAME|BOOT_PRIMARY)'")[1]
-    rep.check("BOOTED_BOOTNAME=A" in st or "BOOTED_BOOTNAME='A'" in st, "RAUC: booted slot A", " ".join(st.split()))
+    st = con.run("rauc status --output-format=shell | grep -E '^RAUC_SYSTEM_BOOTED_BOOTNAME='")[1]
+    rep.check(st.strip().strip("'").endswith("A"), "RAUC: booted slot A", st.strip())
     con.run("rauc install /mnt/bundles/good.raucb", timeout=600)
     env = con.run("grub-editenv /boot/efi/EFI/BOOT/grubenv list")[1]
     rep.check("ORDER=B A" in env and "B_TRIAL=3" in env, "bundle installed into slot B, on trial",

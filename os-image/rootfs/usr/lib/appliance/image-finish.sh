@@ -4,10 +4,6 @@
 set -eu
 GRUB_TARGET="$1"
 mkdir -p /data /boot/efi /var/lib/appliance /etc/appliance /var/lib/rauc
-# The root is read-only: one machine-id for the image (DHCP uses the MAC, see 80-wired.network),
-# so journald keeps one bounded journal folder across boots.
-systemd-machine-id-setup >/dev/null
-rm -f /var/lib/dbus/machine-id && ln -s /etc/machine-id /var/lib/dbus/machine-id
 echo box > /etc/hostname
 ln -sf /run/systemd/resolve/resolv.conf /etc/resolv.conf 2>/dev/null || true
 systemctl enable systemd-networkd.service systemd-timesyncd.service appliance.target \
@@ -15,6 +11,11 @@ systemctl enable systemd-networkd.service systemd-timesyncd.service appliance.ta
   rauc.service >/dev/null 2>&1 || systemctl enable systemd-networkd.service systemd-timesyncd.service \
   appliance.target appliance-provision.service appliance-bootgate.service appliance-debug-console.service
 systemctl mask serial-getty@.service getty@.service >/dev/null 2>&1 || true
+# Jobs that need a writable root or are not wanted on a recorder.
+for unit in e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer \
+            dpkg-db-backup.timer; do
+  systemctl mask "$unit" >/dev/null 2>&1 || true
+done
 mkdir -p /usr/lib/appliance/grub
 grub-mkimage -O "$GRUB_TARGET" -p /EFI/BOOT -o /usr/lib/appliance/grub/"$( [ "$GRUB_TARGET" = x86_64-efi ] && echo BOOTX64.EFI || echo BOOTAA64.EFI)" \
   part_gpt fat ext2 normal linux boot configfile loadenv test echo regexp search search_fs_uuid \
