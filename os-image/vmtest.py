@@ -89,13 +89,13 @@ def read_grubenv(disk: Path, esp_offset_mb: int) -> dict[str, str]:
     return out
 
 
-def test_audio(seconds_idle: float = 3.0, calls: int = 1) -> np.ndarray:
+def test_audio(seconds_idle: float = 3.0, calls: int = 1, call_s: int = 8) -> np.ndarray:
     """Two channels at 8 kHz: line 1 carries calls (noise in syllables, like speech), line 2
-    a quiet line. Each call is 8 s, followed by 8 s of quiet line."""
+    a quiet line. Each call lasts call_s and is followed by 8 s of quiet line."""
     rng = np.random.default_rng(2024)
     parts = [rng.standard_normal(int(seconds_idle * RATE)) * 8]
     for _ in range(calls):
-        t = np.arange(8 * RATE) / RATE
+        t = np.arange(call_s * RATE) / RATE
         env = 0.05 + 0.95 * np.abs(np.sin(np.pi * 3 * t))
         voice = np.convolve(rng.standard_normal(t.size), np.ones(4) / 4, mode="same") * 6000 * env
         parts += [voice, rng.standard_normal(8 * RATE) * 8]
@@ -269,13 +269,13 @@ def make_test_disk(image: Path, work: Path, layout: dict[str, int]) -> tuple[Pat
     (data / "etc" / "appliance" / "appliance.toml").write_text(
         '[device]\nid = "vmtest-box"\n'
         '[[capture]]\nname = "main"\nsource = "alsa"\ndevice = "hw:Loopback,1,0"\n'
-        f"channels = 2\nrate = {RATE}\nperiod_ms = 20\n"
+        f'channels = 2\nrate = {RATE}\nsample_format = "S16_LE"\nperiod_ms = 20\n'
         f"[ring]\nsize_mb = 16\nsync_interval_ms = {SYNC_INTERVAL_MS}\n"
         '[uplink]\ntransport = "none"\n')
     audio = test_audio(calls=1)
     (data / "vmtest").mkdir()
     soundfile.write(data / "vmtest" / "call.wav", audio, RATE, subtype="PCM_16")
-    soundfile.write(data / "vmtest" / "long.wav", test_audio(calls=4), RATE, subtype="PCM_16")
+    soundfile.write(data / "vmtest" / "long.wav", test_audio(calls=1, call_s=240), RATE, subtype="PCM_16")
     part = work / "data.ext4"
     subprocess.run(["truncate", "-s", f"{layout['DATA_MB']}M", str(part)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "data", "-d", str(data), str(part)], check=True)
@@ -426,10 +426,9 @@ def test_watchdog_restart(con: Console, rep: Report) -> None:
 def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
     before = segments(con)
     con.run("nohup aplay -q -D hw:Loopback,0,0 /data/vmtest/long.wav >/dev/null 2>&1 &")
-    time.sleep(7)  # into the first call
+    time.sleep(10)  # into the call (4 minutes long: the cut lands in it however slow the VM is)
     state = con.run("cat /var/lib/appliance/run/capture-main.json")[1]
-    rep.check('"state": "capturing"' in state or '"state":"capturing"' in state or "capturing" in state,
-              "capture running when the power is cut")
+    rep.check(re.search(r'"state": ?"running"', state) is not None, "capture running when the power is cut")
     written = int(con.run(RING_END)[1].splitlines()[-1])
     vm.power_cut()
     t_cut = time.monotonic()
