@@ -8,7 +8,6 @@ d="$1"
 mkdir -p "$d"
 chmod 700 "$d"
 cd "$d"
-echo "rauc-keys: creating development update-signing keys in $d (use your fleet's own for production)"
 cat > openssl.cnf <<CNF
 [req]
 distinguished_name = dn
@@ -20,13 +19,16 @@ subjectKeyIdentifier = hash
 [v3_leaf]
 basicConstraints = critical,CA:false
 keyUsage = critical,digitalSignature
-extendedKeyUsage = codeSigning
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 CNF
+if [ ! -f ca.cert.pem ] || [ ! -f ca.key.pem ]; then
+echo "rauc-keys: creating a development update CA in $d (use your fleet's own for production)"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
   -subj "/O=line-recorder/CN=update CA" -keyout ca.key.pem -out ca.cert.pem \
   -config openssl.cnf -extensions v3_ca 2>/dev/null
+fi
+echo "rauc-keys: issuing an update signing certificate in $d"
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/O=line-recorder/CN=update signing" \
   -keyout signing.key.pem -out signing.csr.pem -config openssl.cnf 2>/dev/null
 openssl x509 -req -in signing.csr.pem -CA ca.cert.pem -CAkey ca.key.pem -CAcreateserial -days 1825 \
