@@ -221,8 +221,8 @@ class VM:
             "-chardev", f"socket,id=con,path={sock},server=on,wait=off",
             "-serial", "chardev:con",
         ]
-        if self.kvm:
-            argv[3:3] = ["-cpu", "host"]
+        # TCG's default CPU lacks x86-64-v2 (SSE4.2, POPCNT), which numpy's wheels require.
+        argv[3:3] = ["-cpu", "host" if self.kvm else "max"]
         if self.extra_disk is not None:
             argv += ["-drive", f"file={self.extra_disk},format=raw,if=virtio,readonly=on"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -349,11 +349,12 @@ def boot_and_basics(vm: VM, rep: Report, first: bool) -> Console:
     took = vm.login()
     rep.ok(f"boot {vm.boots}: root shell on the serial console after {took:.0f} s")
     rc, state = con.run("systemctl is-system-running --wait", timeout=BOOT_TIMEOUT_S, check=False)
-    if state.strip() != "running":
+    state = state.strip().splitlines()[-1] if state.strip() else ""
+    if state != "running":
         _, failed = con.run("systemctl --failed --no-legend; for u in $(systemctl --failed --no-legend "
                             "--plain | cut -d' ' -f1); do journalctl -b -u $u -o cat | tail -8; done",
                             timeout=120, check=False)
-        raise CheckFailed(f"system state {state.strip()!r}, not 'running': {failed}")
+        raise CheckFailed(f"system state {state!r}, not 'running': {failed}")
     rep.ok("systemd reached 'running' (no failed unit)")
     if not first:
         return con
