@@ -115,5 +115,7 @@ def die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:
+    # An orphan (its supervisor already gone) stops; a stage that systemd (PID 1) started as a
+    # unit of its own has PID 1 as parent by design and runs.
+    if os.getppid() == 1 and "INVOCATION_ID" not in os.environ:
         os.kill(os.getpid(), signal.SIGTERM)
