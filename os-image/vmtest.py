@@ -269,14 +269,14 @@ def make_test_disk(image: Path, work: Path, layout: dict[str, int]) -> tuple[Pat
     (data / "etc" / "appliance" / "appliance.toml").write_text(
         '[device]\nid = "vmtest-box"\n'
         '[[capture]]\nname = "main"\nsource = "alsa"\ndevice = "hw:Loopback,1,0"\n'
-        f'channels = 2\nrate = {DEVICE_RATE}\nsample_format = "S16_LE"\nperiod_ms = 20\n'
+        f'channels = 1\nrate = {DEVICE_RATE}\nsample_format = "S16_LE"\nperiod_ms = 20\n'
         f"[ring]\nsize_mb = 16\nsync_interval_ms = {SYNC_INTERVAL_MS}\n"
         '[uplink]\ntransport = "none"\n')
     audio = test_audio(calls=1)
     (data / "vmtest").mkdir()
     # Played at the device rate: upsampled by sox, an implementation independent of the box's.
     for name, pcm in (("call", audio), ("long", test_audio(calls=1, call_s=240))):
-        soundfile.write(work / f"{name}-8k.wav", pcm, RATE, subtype="PCM_16")
+        soundfile.write(work / f"{name}-8k.wav", pcm[:, 0], RATE, subtype="PCM_16")
         subprocess.run(["sox", str(work / f"{name}-8k.wav"), "-r", str(DEVICE_RATE),
                         str(data / "vmtest" / f"{name}.wav")], check=True)
     part = work / "data.ext4"
