@@ -30,7 +30,7 @@ def _orphan_stage(tmp_path: Path, env_prefix: str) -> int:
     return int(pidfile.read_text())
 
 
-def _wait(cond: object, timeout: float = 60.0) -> bool:
+def _wait(cond: object, timeout: float = 240.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():  # type: ignore[operator]
