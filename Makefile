@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean image image-test bundle
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -15,7 +15,7 @@ test: setup
 	PYTHONDEVMODE=1 $(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check appliance central linerec_contract tests bench
+	$(VENV)/bin/ruff check appliance central linerec_contract tests bench os-image
 	$(VENV)/bin/mypy
 
 bench: setup
@@ -31,3 +31,19 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The OS image (os-image/README.md). Needs root; host tools come from os-image/image-bootstrap.sh.
+IMAGE_ARCH ?= amd64
+IMAGE_DIR := build/image-$(IMAGE_ARCH)
+
+image: setup
+	@bash os-image/image-bootstrap.sh
+	ARCH=$(IMAGE_ARCH) OUT=$(IMAGE_DIR) bash os-image/build.sh
+
+bundle: setup
+	@bash os-image/image-bootstrap.sh
+	@test -f $(IMAGE_DIR)/rootfs.ext4 || $(MAKE) image
+	bash os-image/bundle.sh $(IMAGE_DIR) build/line-recorder-$(IMAGE_ARCH).raucb
+
+image-test: image
+	bash os-image/image-test.sh $(IMAGE_DIR)

@@ -143,6 +143,8 @@ def build_parser() -> OneLineParser:
     chk = bsub.add_parser("check", help="report the state of a journal without changing it")
     chk.add_argument("path", type=Path)
     chk.add_argument("--json", action="store_true")
+
+    sub.add_parser("boot-check", help="health gate of a new root slot: selftest and a sealed test call")
     return p
 
 
@@ -288,6 +290,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return provision_command(_config(args.config), install=args.install, out=args.out)
 
 
+def cmd_boot_check(args: argparse.Namespace) -> int:
+    from appliance.bootcheck import boot_check_command
+
+    return boot_check_command()
+
+
 COMMANDS = {
     "provision": cmd_provision,
     "run": cmd_run,
@@ -302,6 +310,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "selftest": cmd_selftest,
     "monitor": cmd_monitor,
+    "boot-check": cmd_boot_check,
 }
 
 

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Build the box's disk image (Debian bookworm) without loop devices or mounts:
+#   disk.img   GPT: esp (GRUB + boot-count environment), root-a, root-b (ext4, mounted
+#              read-only), data (ext4: journal, outbox, keys, config, logs)
+#   rootfs.ext4  the root slot image that update bundles carry
+# Usage: ARCH=amd64|arm64 OUT=build/image-amd64 os-image/build.sh
+# Downloaded .debs and wheels are cached under $CACHE to speed up reruns.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(dirname "$HERE")"
+ARCH="${ARCH:-amd64}"
+OUT="$(realpath -m "${OUT:-$REPO/build/image-$ARCH}")"
+CACHE="${CACHE:-/var/cache/appliance-image}"
+SUITE=bookworm
+MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+SECURITY_MIRROR="${SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+# Partition sizes (MiB). The data partition is made at this size; see README for growing it.
+ESP_MB=64 SLOT_MB=1280 DATA_MB=768
+# Fixed partition UUIDs: the kernel command line names the root slot by PARTUUID.
+UUID_ROOT_A=5b1c7f0e-4a61-4c3e-9d59-0a7c1a2b3c01
+UUID_ROOT_B=5b1c7f0e-4a61-4c3e-9d59-0a7c1a2b3c02
+
+case "$ARCH" in
+  amd64) GRUB_TARGET=x86_64-efi EFI_BIN=BOOTX64.EFI GRUB_PKG=grub-efi-amd64-bin
+         KERNEL_PKG=linux-image-amd64 CONSOLE=ttyS0 ROOT_TYPE=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 ;;
+  arm64) GRUB_TARGET=arm64-efi EFI_BIN=BOOTAA64.EFI GRUB_PKG=grub-efi-arm64-bin
+         KERNEL_PKG=linux-image-arm64 CONSOLE=ttyAMA0 ROOT_TYPE=B921B045-1DF0-41C3-AF44-4C6F280D3FAE ;;
+  *) echo "build.sh: ARCH=$ARCH is not supported (accepted: amd64, arm64)" >&2; exit 2 ;;
+esac
+[ "$(id -u)" -eq 0 ] || { echo "build.sh: run as root (mmdebstrap builds the root filesystem as root)" >&2; exit 2; }
+
+PACKAGES=(
+  systemd systemd-sysv systemd-timesyncd udev dbus kmod "$KERNEL_PKG" initramfs-tools zstd
+  python3 python3-venv libasound2 alsa-utils libportaudio2 openssl
+  rauc rauc-service grub-common "$GRUB_PKG" e2fsprogs dosfstools cryptsetup-bin
+  procps iproute2 netbase less
+)
+
+WORK="$OUT/work"
+ROOT="$WORK/root"
+DEBS="$CACHE/debs-$ARCH"
+WHEELS="$CACHE/wheels-$ARCH"
+rm -rf "$WORK"
+mkdir -p "$WORK" "$DEBS" "$WHEELS" "$OUT"
+VERSION="${VERSION:-$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)-$(date -u +%Y%m%d%H%M%S)}"
+log() { echo "image: $(date -u +%H:%M:%S) $*"; }
+
+# 1. The appliance as wheels: the project's own wheel plus its locked dependencies (hash-checked).
+log "wheels"
+PY="${PYTHON:-$REPO/.venv/bin/python}"
+rm -f "$WHEELS"/line_recorder-*.whl
+"$PY" -m pip wheel -q --no-deps "$REPO" -w "$WHEELS"
+if [ "$ARCH" = "$(dpkg --print-architecture)" ]; then
+  "$PY" -m pip wheel -q --require-hashes -r "$REPO/requirements.lock" -w "$WHEELS"
+  FOREIGN=0
+else
+  # Foreign architecture: dependencies are installed inside the target root (under qemu-user)
+  # from the package index, checked against the same hashes.
+  FOREIGN=1
+fi
+
+RAUC_KEYS="${RAUC_KEYS:-$CACHE/rauc-keys}"
+"$HERE/rauc-keys.sh" "$RAUC_KEYS"
+
+# 2. The root filesystem.
+log "root filesystem ($ARCH, ${#PACKAGES[@]} packages and their dependencies)"
+mmdebstrap --variant=minbase --arch="$ARCH" --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+  --aptopt='APT::Install-Recommends "false"' \
+  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --dpkgopt='path-exclude=/usr/share/info/*' \
+  --skip=download/empty \
+  --setup-hook='mkdir -p "$1"/var/cache/apt/archives' \
+  --setup-hook="sync-in $DEBS /var/cache/apt/archives/" \
+  --customize-hook="sync-out /var/cache/apt/archives $DEBS" \
+  --customize-hook="mkdir -p \"\$1\"/tmp/wheels && cp $WHEELS/*.whl $REPO/requirements.lock \"\$1\"/tmp/wheels/" \
+  --customize-hook="copy-in $HERE/customize.sh /tmp" \
+  --customize-hook="chroot \"\$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin FOREIGN=$FOREIGN sh /tmp/customize.sh" \
+  --customize-hook="cp -a $HERE/rootfs/. \"\$1\"/" \
+  --customize-hook="cp $HERE/systemd/* \"\$1\"/usr/lib/systemd/system/" \
+  --customize-hook="cp $RAUC_KEYS/ca.cert.pem \"\$1\"/etc/rauc/keyring.pem" \
+  --customize-hook="echo $VERSION > \"\$1\"/usr/lib/appliance/version && chroot \"\$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh /usr/lib/appliance/image-finish.sh $GRUB_TARGET" \
+  --customize-hook="rm -rf \"\$1\"/tmp/wheels \"\$1\"/tmp/customize.sh \"\$1\"/var/cache/apt/archives/*.deb" \
+  "$SUITE" "$ROOT" \
+  "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" "deb $SECURITY_MIRROR $SUITE-security main"
+
+# The root is read-only, so the machine id is set here, once per image (mmdebstrap leaves it
+# empty): journald then keeps one bounded journal folder across boots. DHCP identifies the box
+# by its MAC (80-wired.network), not by this id.
+python3 -c 'import uuid; print(uuid.uuid4().hex)' > "$ROOT/etc/machine-id"
+ln -sf /etc/machine-id "$ROOT/var/lib/dbus/machine-id"
+
+# 3. The boot partition: GRUB (built inside the root, so it matches the target architecture),
+# its script and the environment block that holds the A/B order and the boot counters.
+log "boot partition"
+cp "$ROOT/usr/lib/appliance/grub/$EFI_BIN" "$WORK/$EFI_BIN"
+sed -e "s/@UUID_ROOT_A@/$UUID_ROOT_A/; s/@UUID_ROOT_B@/$UUID_ROOT_B/; s/@CONSOLE@/$CONSOLE/" \
+  "$HERE/boot/grub.cfg" > "$WORK/grub.cfg"
+"$HERE/grubenv.sh" "$WORK/grubenv" ORDER="A B" A_OK=1 A_TRIAL= B_OK=0 B_TRIAL=
+rm -f "$WORK/esp.vfat"
+mkfs.vfat -C -n ESP "$WORK/esp.vfat" $((ESP_MB * 1024)) >/dev/null
+mmd -i "$WORK/esp.vfat" ::/EFI ::/EFI/BOOT
+mcopy -i "$WORK/esp.vfat" "$WORK/$EFI_BIN" "$WORK/grub.cfg" "$WORK/grubenv" ::/EFI/BOOT/
+
+# 4. Root slot image (ext4, mounted read-only) and the data partition.
+log "root slot image"
+rm -f "$OUT/rootfs.ext4" "$WORK/data.ext4"
+truncate -s "${SLOT_MB}M" "$OUT/rootfs.ext4"
+mkfs.ext4 -q -F -L root -d "$ROOT" "$OUT/rootfs.ext4"
+mkdir -p "$WORK/data"
+"$HERE/data-skeleton.sh" "$WORK/data"
+truncate -s "${DATA_MB}M" "$WORK/data.ext4"
+mkfs.ext4 -q -F -L data -d "$WORK/data" "$WORK/data.ext4"
+
+# 5. The disk: a GPT on a sparse file, partitions written in place with dd.
+log "disk image"
+rm -f "$OUT/disk.img"
+total=$((1 + ESP_MB + 2 * SLOT_MB + DATA_MB + 1))
+truncate -s "${total}M" "$OUT/disk.img"
+sfdisk -q "$OUT/disk.img" <<SFDISK
+label: gpt
+start=1MiB, size=${ESP_MB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp
+size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-a, uuid=$UUID_ROOT_A
+size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-b, uuid=$UUID_ROOT_B
+size=${DATA_MB}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=data
+SFDISK
+put() { dd if="$1" of="$OUT/disk.img" bs=1M seek="$2" conv=notrunc,sparse status=none; }
+put "$WORK/esp.vfat" 1
+put "$OUT/rootfs.ext4" $((1 + ESP_MB))
+put "$WORK/data.ext4" $((1 + ESP_MB + 2 * SLOT_MB))
+cp "$WORK/esp.vfat" "$OUT/esp.vfat"
+cp "$WORK/data.ext4" "$OUT/data.ext4"
+echo "$VERSION" > "$OUT/version"
+cat > "$OUT/layout.env" <<LAYOUT
+ARCH=$ARCH
+ESP_OFFSET_MB=1
+ROOT_A_OFFSET_MB=$((1 + ESP_MB))
+ROOT_B_OFFSET_MB=$((1 + ESP_MB + SLOT_MB))
+DATA_OFFSET_MB=$((1 + ESP_MB + 2 * SLOT_MB))
+SLOT_MB=$SLOT_MB
+DATA_MB=$DATA_MB
+LAYOUT
+rm -rf "$WORK"
+log "done: $OUT/disk.img ($(du -h --apparent-size "$OUT/disk.img" | cut -f1), $(du -h "$OUT/disk.img" | cut -f1) used)"
