@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appliance.pki import ensure_pki
 
 from appliance.sync.broker import Broker
 from central.home import Home, init_home
 from central.store import Store
 from linerec_contract.identity import DeviceKey
+from linerec_contract.pki import ensure_pki
 from linerec_contract.protocol import MAX_CHUNK_BYTES, Ack
 from linerec_contract.segment import SealedSegment, encode_wire
 from linerec_contract.verify import verify_trusted
