@@ -20,9 +20,15 @@ def run_boot_check(env: dict[str, str] | None = None) -> subprocess.CompletedPro
 
 def test_boot_check_seals_a_test_call_and_reads_it_back_bit_exact() -> None:
     proc = run_boot_check()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "boot-check: passed" in proc.stdout
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("sealed segment:"))
+    out = proc.stdout.splitlines()
+    # The hardware self-test is part of the gate: on a machine without a sound card (as here)
+    # it fails and so does the gate; the sealed test call is checked and reported either way.
+    selftest = next(ln for ln in out if ln.startswith("selftest:"))
+    passed = selftest.startswith("selftest: exit 0") or "not in this build" in selftest
+    assert proc.returncode == (0 if passed else 1), proc.stdout + proc.stderr
+    assert out[-1] == ("boot-check: passed" if passed else "boot-check: FAILED")
+    line = next(ln for ln in out if ln.startswith("sealed segment:"))
+    assert " verified, " in line and " samples bit-exact from input sample " in line, line
     samples = int(line.split(" samples")[0].rsplit(" ", 1)[1])
     # The call is 6 s of voice with 2 s of pre-roll: the segment must hold at least both.
     assert samples >= 8 * RATE
