@@ -112,7 +112,8 @@ _RECEIVER_KEYS: dict[str, type] = {"group": str, "client_id": str}
 _LIMIT_KEYS: dict[str, type] = {name: int for name in Limits.__dataclass_fields__}
 
 
-def _check_table(name: str, table: object, allowed: dict[str, type], where: Path) -> dict[str, Any]:
+def check_table(name: str, table: object, allowed: dict[str, type], where: Path) -> dict[str, Any]:
+    """One table of central.toml: unknown keys and wrong types refused with a one-line error."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
     for key, value in table.items():
@@ -138,9 +139,9 @@ def parse_config(path: Path) -> BrokerConfig:
         if top not in ("broker", "receiver", "limits", *BACKEND_TABLES):
             raise ConfigError(f"{path}: unknown table [{top}] (accepted: [broker], [receiver], "
                               "[limits], [storage], [index], [https], [lines], [retention])")
-    broker = _check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
-    receiver = _check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
-    limits = _check_table("limits", raw.get("limits", {}), _LIMIT_KEYS, path)
+    broker = check_table("broker", raw.get("broker", {}), _BROKER_KEYS, path)
+    receiver = check_table("receiver", raw.get("receiver", {}), _RECEIVER_KEYS, path)
+    limits = check_table("limits", raw.get("limits", {}), _LIMIT_KEYS, path)
     for key, value in limits.items():
         if not 1 <= value <= 1 << 20:
             raise ConfigError(f"{path}: limits.{key} must be 1..{1 << 20}, got {value}")

@@ -117,18 +117,9 @@ _INDEX_KEYS: dict[str, type] = {"backend": str, "dsn": str}
 
 
 def _table(raw: dict[str, Any], name: str, allowed: dict[str, type], where: Path) -> dict[str, Any]:
-    table = raw.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table")
-    for key, value in table.items():
-        if key not in allowed:
-            raise ConfigError(
-                f"{where}: unknown key {name}.{key} (accepted: {', '.join(sorted(allowed))})"
-            )
-        want = allowed[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {name}.{key} must be a {want.__name__}, got {value!r}")
-    return table
+    from central.home import check_table  # central.home reads the same file's other tables
+
+    return check_table(name, raw.get(name, {}), allowed, where)
 
 
 def _choice(table: dict[str, Any], name: str, key: str, accepted: tuple[str, ...],
