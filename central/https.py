@@ -73,6 +73,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 RETRY_AFTER_S = 5
+# A refused request whose announced body is at most this long has its body read (and dropped)
+# before the answer, so the connection from nginx is never closed under a body it is writing.
+DRAIN_MAX_BYTES = 64 * 1024
 # ASCII only: ``\d`` would take other scripts' digits ("٣") that int() accepts.
 PATH_RE = re.compile(r"^/v1/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})/seg/([0-9]{1,12})$", re.ASCII)
 SOCKET_NAME = "intake.sock"
@@ -206,6 +209,35 @@ class IntakeApp:
         log.info("answered %d: %s", status, message)
         await self._answer(send, status, json.dumps({"v": 1, "error": message}).encode(), **kw)
 
+    async def _refuse(self, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                      status: int, message: str, *, retry_after: bool = False) -> None:
+        """Answer a request refused before its body was read.
+
+        nginx streams the body to this application (``proxy_request_buffering off``); if the
+        application answered and closed while nginx was still writing the body, nginx's write
+        failed (EPIPE) and the box got 502 instead of the refusal. So a small announced body
+        is read and dropped first and the connection kept; a larger one (or one of unknown
+        length) is not read (it may be what overloads central) and the connection is closed.
+        """
+        announced = _announced_length(headers)
+        drained = (announced is not None and announced <= DRAIN_MAX_BYTES
+                   and await self._drain(receive, announced))
+        await self._error(send, status, message, retry_after=retry_after, close=not drained)
+
+    @staticmethod
+    async def _drain(receive: Receive, length: int) -> bool:
+        """Read and drop a body of ``length`` bytes; False when it was cut or longer."""
+        got = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            got += len(message.get("body", b""))
+            if got > length:
+                return False
+            if not message.get("more_body", False):
+                return got == length
+
     async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
@@ -213,42 +245,45 @@ class IntakeApp:
         raw_path = bytes(scope.get("raw_path") or scope["path"].encode("utf-8", "replace"))
         path = raw_path.decode("ascii", "replace")
         if scope["method"] != "PUT":
-            await self._error(send, 405, "only PUT /v1/<dev>/seg/<seq> is served", close=True)
+            await self._refuse(receive, send, headers, 405, "only PUT /v1/<dev>/seg/<seq> is served")
             return
         match = PATH_RE.match(path)
         if match is None:
-            await self._error(send, 404, f"path {path[:80]!r} is not /v1/<dev>/seg/<seq> "
-                                         "(ASCII digits, seq 0..999999999999)", close=True)
+            await self._refuse(receive, send, headers, 404,
+                               f"path {path[:80]!r} is not /v1/<dev>/seg/<seq> "
+                               "(ASCII digits, seq 0..999999999999)")
             return
         dev, seq = match.group(1), int(match.group(2))
         verified = headers.get(b"x-client-verify", b"").decode("latin-1")
         cn = common_name_from_dn(headers.get(b"x-client-dn", b"").decode("latin-1"))
         if verified != "SUCCESS" or cn is None:
-            await self._error(send, 403, "no verified client certificate naming a device",
-                              close=True)
+            await self._refuse(receive, send, headers, 403,
+                               "no verified client certificate naming a device")
             return
         if cn != dev:
-            await self._error(send, 403, f"certificate CN {cn!r} may only PUT its own segments, "
-                                         f"not those of {dev!r}", close=True)
+            await self._refuse(receive, send, headers, 403,
+                               f"certificate CN {cn!r} may only PUT its own segments, "
+                               f"not those of {dev!r}")
             return
         if b"transfer-encoding" in headers:
-            await self._error(send, 411, "Content-Length is required (no chunked bodies)",
-                              close=True)
+            await self._refuse(receive, send, headers, 411,
+                               "Content-Length is required (no chunked bodies)")
             return
         length_text = headers.get(b"content-length", b"").decode("latin-1")
         if not length_text.isascii() or not length_text.isdigit():
-            await self._error(send, 411, "Content-Length (a non-negative integer) is required",
-                              close=True)
+            await self._refuse(receive, send, headers, 411,
+                               "Content-Length (a non-negative integer) is required")
             return
         length = int(length_text)
         if not 0 < length <= MAX_SEGMENT_BYTES:
-            await self._error(send, 413, f"segment of {length} bytes is outside "
-                                         f"1..{MAX_SEGMENT_BYTES}", close=True)
+            await self._refuse(receive, send, headers, 413, f"segment of {length} bytes is outside "
+                                                         f"1..{MAX_SEGMENT_BYTES}")
             return
         if self._spooled + length > self.limits.spool_max_mb << 20:
             self.counts["spool_full"] += 1
-            await self._error(send, 503, "central is receiving too much at once; retry later",
-                              retry_after=True, close=True)
+            await self._refuse(receive, send, headers, 503,
+                               "central is receiving too much at once; retry later",
+                               retry_after=True)
             return
         self._spooled += length
         body = self.spool / f"{dev}-{seq}-{uuid.uuid4().hex[:12]}.body"
@@ -319,6 +354,15 @@ class IntakeApp:
         log.info("PUT %s/%d %s", dev, seq, outcome.detail)
         await self._answer(send, 422 if outcome.ack.result == "rejected" else 200,
                            outcome.ack.encode())
+
+
+def _announced_length(headers: dict[bytes, bytes]) -> int | None:
+    """The body length a request announces: 0 without Content-Length (and not chunked), None
+    when it is chunked or its Content-Length is not a number."""
+    if b"transfer-encoding" in headers:
+        return None
+    text = headers.get(b"content-length", b"0").decode("latin-1")
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 # -- the proxy -----------------------------------------------------------------------------
