@@ -119,7 +119,7 @@ def run_uplink_stage(cfg: Config, stop: threading.Event,
         uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=host, port=port,
                         ca=ca, cert=cert, key=key, status_path=status_path, window=u.window,
                         ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
-                        chunk_bytes=u.chunk_bytes, agent=agent)
+                        chunk_bytes=u.chunk_bytes, keepalive_s=u.keepalive_s, agent=agent)
     uplink.run(stop)
 
 

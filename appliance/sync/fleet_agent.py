@@ -16,6 +16,11 @@ the box does not run under systemd);
 ``set-config`` (the same path as a pushed config); ``rotate-keys`` (as ``appliance keys
 rotate``); ``pci-pause`` / ``pci-resume`` on a line (a durable request the recorder applies,
 see ``appliance.recorder.pci``); ``upload-logs`` (the last lines of the box's logs, bounded).
+
+Liveness: the uplink declares its MQTT keep-alive in the box's status and sets
+:attr:`FleetAgent.heartbeat_s` to a quarter of it; whenever nothing else went out for that long
+the agent publishes a small heartbeat, so central can show a box that fell silent (frozen, link
+cut without a FIN) offline within the keep-alive, without waiting for the broker's last will.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from linerec_contract.fleet_protocol import (
     cmd_res_topic,
     config_desired_topic,
     config_reported_topic,
+    heartbeat_topic,
 )
 from linerec_contract.protocol import MAX_CONTROL_MESSAGE, event_topic, telemetry_topic
 
@@ -99,6 +105,8 @@ class FleetAgent:
         self._queued = 0
         self._queue_lock = threading.Lock()
         self._next_telemetry = 0.0
+        self.heartbeat_s: float | None = None  # set by the uplink from its keep-alive
+        self._last_sent = 0.0  # monotonic time of the agent's last message on this connection
         # The alarms central was last told about, kept across reconnections and restarts (an
         # advisory file) so that an alarm raised or cleared meanwhile still becomes an event.
         self._alarms_path = self.fleet_dir / "alarms.json"
@@ -108,7 +116,8 @@ class FleetAgent:
         self.started = time.monotonic()
         self.link_state: Callable[[], str] | None = None  # set by the uplink that carries us
         self._status_dirty = False  # the config version changed: the birth should say so
-        self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0}
+        self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0,
+                         "heartbeats": 0}
 
     # -- wiring with the uplink --------------------------------------------------------------
 
@@ -150,7 +159,9 @@ class FleetAgent:
         return obj if isinstance(obj, dict) else None
 
     def next_deadline(self) -> float:
-        return self._next_telemetry
+        if self.heartbeat_s is None:
+            return self._next_telemetry
+        return min(self._next_telemetry, self._last_sent + self.heartbeat_s)
 
     def tick(self, client: mqtt.Client) -> None:
         """The uplink's loop: handle what arrived, publish telemetry and events when due."""
@@ -172,6 +183,12 @@ class FleetAgent:
             self.counters["telemetry"] += 1
             self._publish_alarm_events(client, telemetry)
             self._next_telemetry = now + self.interval_s
+            self._last_sent = now
+        elif self.heartbeat_s is not None and now >= self._last_sent + self.heartbeat_s:
+            beat = {"v": 1, "ts": self.clock(), "boot_id": self.boot_id}
+            client.publish(heartbeat_topic(self.device_id), json.dumps(beat).encode(), qos=0)
+            self.counters["heartbeats"] += 1
+            self._last_sent = now
         after, self._after = self._after, []
         for action in after:
             action()

@@ -126,6 +126,10 @@ def _summary(dev: str, fleet: Fleet, store: FleetStore, now: float) -> dict[str,
         "state": status.get("state", "never seen"), "version": status.get("version"),
         "boot_id": status.get("boot_id"), "session": status.get("session"),
         "status_ts": status.get("received_at"),
+        "keepalive_s": status.get("keepalive_s"),
+        "last_seen_age_s": None if status.get("last_seen") is None
+        else round(now - status["last_seen"], 1),
+        "offline_at": status.get("offline_at"), "offline_reason": status.get("offline_reason"),
         "config_version": status.get("config_version"),
         "desired_version": conf.get("desired_version"),
         "reported": reported,
@@ -218,7 +222,8 @@ def _ls(fleet: Fleet, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    table = [[r["device"], r["site"] or "-", "REVOKED" if r["revoked"] else r["state"],
+    table = [[r["device"], r["site"] or "-", "REVOKED" if r["revoked"] else
+              f"{r['state']} ({r['offline_reason']})" if r["offline_reason"] else r["state"],
               r["version"] or "-", f"{r['config_version'] or 0}/{r['desired_version'] or 0}",
               _age(now - r["telemetry_age_s"], now) if r["telemetry_age_s"] is not None else "-",
               str(r["lines"]), r["link"] or "-", str(r["backlog_segments"] or 0),
@@ -245,6 +250,10 @@ def _show(fleet: Fleet, args: argparse.Namespace) -> int:
     print(f"device {dev}  site {s['site'] or '-'}  tags {','.join(s['tags']) or '-'}")
     print(f"  state {s['state']}  version {s['version']}  boot {s['boot_id']}  session "
           f"{s['session']}  config {s['config_version']} (desired {s['desired_version']})")
+    if s["offline_reason"]:
+        why = "its last will" if s["offline_reason"] == "will" else \
+            f"silence (nothing for half its {s['keepalive_s']} s keep-alive)"
+        print(f"  offline since {_iso(s['offline_at'])} by {why}")
     tel = out["telemetry"] or {}
     print(f"  telemetry {_age(tel.get('received_at'), now)} ago  uptime {tel.get('uptime_s')} s  "
           f"link {tel.get('link')}  temperature {tel.get('temperature_c')}")

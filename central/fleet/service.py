@@ -6,6 +6,11 @@ subscriptions to the fleet topics of every box. Each message is parsed completel
 (64 KiB) before it touches the store; the device is the one in the topic (the broker lets a box
 write only its own subtree), and a message that claims another device or does not parse is
 counted and ignored, logged at most once a minute per device.
+
+Liveness: every message of a box counts as a sign of life (:meth:`FleetStore.touch`), and a sweep
+every :data:`SWEEP_S` records offline the boxes that fell silent for half their declared
+keep-alive (:meth:`FleetStore.mark_silent`); a box that disconnects is recorded offline by its
+last will as soon as the broker publishes it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ LOG_EVERY_S = 60.0
 # counted, so one box cannot keep the fleet service busy for the others.
 RATE_PER_S = 5.0
 RATE_BURST = 50.0
+SWEEP_S = 0.5  # how often silent boxes are looked for; far below any keep-alive (>= 5 s)
 
 
 class _Allowance:
@@ -72,9 +78,29 @@ class FleetService:
                                          "rate_limited": 0}
         self._last_log: dict[str, float] = {}
         self._allowance: dict[str, _Allowance] = {}
+        self._lock = threading.Lock()  # paho's thread records, the sweep runs in run()'s
+        # When the current subscription was granted (None: not subscribed). Silence is judged
+        # only while subscribed and counted from then at the earliest.
+        self._listening_since: float | None = None
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Record one message (any thread; the store serialises writes)."""
+        """Record one message (any thread)."""
+        with self._lock:
+            self._handle(topic, payload)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Record offline the boxes silent for half their keep-alive (any thread); nothing
+        while central itself is not subscribed (it would hear no box)."""
+        with self._lock:
+            since = self._listening_since
+            if since is None:
+                return []
+            silent = self.store.mark_silent(now, since=since)
+        for dev in silent:
+            log.warning("%s: no message for half its keep-alive: recorded offline", dev)
+        return silent
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         self.counters["messages"] += 1
         try:
             dev, kind = parse_fleet_topic(topic)
@@ -86,6 +112,9 @@ class FleetService:
                 status = Status.decode(payload)
                 if not self.store.record_status(dev, asdict(status)):
                     self.counters["stale_deaths"] += 1
+                return
+            if kind == "heartbeat":
+                load_message(payload, "heartbeat")
             elif kind == "telemetry":
                 obj = load_message(payload, "telemetry")
                 if obj.get("device", dev) != dev:
@@ -103,6 +132,8 @@ class FleetService:
                 self.store.record_result(dev, asdict(result))
             else:
                 self.store.record_reported(dev, asdict(ReportedConfig.decode(payload)))
+            if self.store.touch(dev):
+                log.info("%s: heard from again on the same connection: online", dev)
         except (FormatError, ValueError) as err:
             self.counters["ignored"] += 1
             key = topic.split("/")[2] if topic.count("/") >= 2 else topic
@@ -122,7 +153,14 @@ class FleetService:
         if any(rc.is_failure for rc in rcs):
             log.error("broker refused fleet subscriptions: %s", ", ".join(map(str, rcs)))
             return
+        with self._lock:
+            self._listening_since = time.time()
         self.ready.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        with self._lock:
+            self._listening_since = None
+        log.warning("fleet service disconnected from the broker: %s", rc)
 
     def run(self, stop: threading.Event) -> None:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
@@ -130,11 +168,13 @@ class FleetService:
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
         client.on_message = lambda _c, _u, msg: self.handle(msg.topic, bytes(msg.payload))
         client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s)
         client.loop_start()
         try:
-            stop.wait()
+            while not stop.wait(SWEEP_S):
+                self.sweep()
         finally:
             client.disconnect()
             client.loop_stop()

@@ -84,7 +84,8 @@ def broker(tmp_path: Path, fleet: Fleet) -> Iterator[Broker]:
 def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable[..., Box]]:
     made: list[Box] = []
 
-    def make(dev: str = "box-a", *, extra: str = "", restart: Any = None, **kw: Any) -> Box:
+    def make(dev: str = "box-a", *, extra: str = "", restart: Any = None, keepalive_s: int = 30,
+             **kw: Any) -> Box:
         cfg, path = box_config(tmp_path / "boxes", dev, extra)
         enrol(fleet, cfg, broker.port, tmp_path, **kw)
         ca, cert, key = cfg.tls_paths()
@@ -95,7 +96,7 @@ def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable
             agent.config.restart = restart
         uplink = Uplink(device_id=dev, outbox=Outbox(cfg.outbox_dir), host=broker.host,
                         port=broker.port, ca=ca, cert=cert, key=key, agent=agent,
-                        reconnect_min_s=0.05, reconnect_max_s=0.5,
+                        reconnect_min_s=0.05, reconnect_max_s=0.5, keepalive_s=keepalive_s,
                         status_path=cfg.run_dir / "uplink.json")
         stop = threading.Event()
         thread = threading.Thread(target=uplink.run, args=(stop,), daemon=True)
