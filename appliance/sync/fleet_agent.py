@@ -11,8 +11,9 @@ response topic with the request's correlation data; telemetry goes out every
 
 Commands (``docs/protocol.md``, "Fleet management"): ``ping``; ``selftest`` (the unattended
 self-test, run beside the loop, answered when done, kept as the box's last result);
-``restart`` and ``reboot`` (through systemd, the box's supervisor; refused with a reason where
-the box does not run under systemd);
+``restart`` and ``reboot`` (a request to the box's supervisor, :mod:`appliance.lifecycle`:
+systemd's path units, or ``appliance run``, which restarts but cannot reboot; refused with the
+reason where nothing supervises the box);
 ``set-config`` (the same path as a pushed config); ``rotate-keys`` (as ``appliance keys
 rotate``); ``pci-pause`` / ``pci-resume`` on a line (a durable request the recorder applies,
 see ``appliance.recorder.pci``); ``upload-logs`` (the last lines of the box's logs, bounded).
@@ -42,9 +43,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance import __version__
+from appliance import __version__, lifecycle, sdnotify
 from appliance.config import Config
-from appliance.sync.fleet_config import ConfigApplier, systemd_restart
+from appliance.sync.fleet_config import ConfigApplier, supervisor_restart, systemd_restart
 from linerec_contract.durable import write_status
 from linerec_contract.errors import ApplianceError, FormatError
 from linerec_contract.fleet_protocol import (
@@ -97,16 +98,19 @@ class FleetAgent:
                                          NonceStore(self.fleet_dir / "nonces.json"), clock=clock)
                          if central_key else None)
         self.config = ConfigApplier(cfg, config_path=config_path)
-        if _systemd_unit():
+        self.supervisor = lifecycle.supervisor()
+        if self.supervisor is not None:
             from appliance.config import load_config
 
-            self.config.restart = systemd_restart(lambda: load_config(config_path))
+            hook = systemd_restart if self.supervisor == "systemd" else supervisor_restart
+            self.config.restart = hook(lambda: load_config(config_path), boot_id, self._pulse)
         self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._queued = 0
         self._queue_lock = threading.Lock()
         self._next_telemetry = 0.0
         self.heartbeat_s: float | None = None  # set by the uplink from its keep-alive
         self._last_sent = 0.0  # monotonic time of the agent's last message on this connection
+        self._client: mqtt.Client | None = None  # the connection of the tick running now
         # The alarms central was last told about, kept across reconnections and restarts (an
         # advisory file) so that an alarm raised or cleared meanwhile still becomes an event.
         self._alarms_path = self.fleet_dir / "alarms.json"
@@ -165,6 +169,7 @@ class FleetAgent:
 
     def tick(self, client: mqtt.Client) -> None:
         """The uplink's loop: handle what arrived, publish telemetry and events when due."""
+        self._client = client
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -184,14 +189,25 @@ class FleetAgent:
             self._publish_alarm_events(client, telemetry)
             self._next_telemetry = now + self.interval_s
             self._last_sent = now
-        elif self.heartbeat_s is not None and now >= self._last_sent + self.heartbeat_s:
+        else:
+            self._heartbeat(client, now)
+        after, self._after = self._after, []
+        for action in after:
+            action()
+
+    def _heartbeat(self, client: mqtt.Client, now: float) -> None:
+        if self.heartbeat_s is not None and now >= self._last_sent + self.heartbeat_s:
             beat = {"v": 1, "ts": self.clock(), "boot_id": self.boot_id}
             client.publish(heartbeat_topic(self.device_id), json.dumps(beat).encode(), qos=0)
             self.counters["heartbeats"] += 1
             self._last_sent = now
-        after, self._after = self._after, []
-        for action in after:
-            action()
+
+    def _pulse(self) -> None:
+        """Keep-alives while the uplink's loop waits for the stages to restart (a pushed
+        config): the watchdog of the uplink's unit or supervisor, and central's heartbeat."""
+        sdnotify.notifier().watchdog()
+        if self._client is not None:
+            self._heartbeat(self._client, time.monotonic())
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -280,7 +296,7 @@ class FleetAgent:
                                   "uptime_s": round(_uptime(), 1),
                                   "config_version": self.config.version})
             if name in ("restart", "reboot"):
-                return self._systemctl(name, done)
+                return self._lifecycle(name, done)
             if name == "set-config":
                 text = args.get("overrides")
                 if not isinstance(text, str):
@@ -327,19 +343,27 @@ class FleetAgent:
             return done("failed", "error", str(err))
         return done("failed", "unknown-command", f"unknown command {name!r}")
 
-    def _systemctl(self, name: str, done: Callable[..., CommandResult]) -> CommandResult:
-        if not _systemd_unit():
-            return done("failed", "not-available", f"{name} needs systemd (this box does not run "
-                        "as systemd units; restart it where it runs)")
-        argv = ["systemctl", "--no-block", "restart", "appliance.target"] if name == "restart" \
-            else ["systemctl", "--no-block", "reboot"]
+    def _lifecycle(self, name: str, done: Callable[..., CommandResult]) -> CommandResult:
+        """restart / reboot: a request to the box's supervisor, written once the answer is on
+        its way (the uplink goes down with the restart)."""
+        if self.supervisor is None:
+            return done("failed", "not-available", f"{name}: nothing supervises this box's "
+                        "stages (neither systemd nor 'appliance run'); restart it where it runs")
+        if name == "reboot" and self.supervisor == "run":
+            return done("failed", "not-available", "reboot: this box runs under 'appliance "
+                        "run', which restarts the stages but cannot reboot the machine; use "
+                        "restart, or reboot it where it runs")
+        action: lifecycle.Action = "restart" if name == "restart" else "reboot"
+        by = {"systemd": f"systemd (appliance-{action}.path)",
+              "run": "appliance run"}[self.supervisor]
 
         def act() -> None:
-            log.warning("fleet: %s requested by central: %s", name, " ".join(argv))
-            subprocess.run(argv, check=False, timeout=30)
+            path = lifecycle.request(self.cfg.state_dir, action, self.boot_id)
+            log.warning("fleet: %s requested by central: %s asked of %s", name, path, by)
 
         self._after.append(act)  # after the answer has been handed to paho
-        return done(data={"scheduled": " ".join(argv)})
+        return done(data={"requested": action, "by": by,
+                          "request": str(lifecycle.requests_dir(self.cfg.state_dir) / action)})
 
     def _line_ids(self) -> list[str]:
         ids: list[str] = []
