@@ -18,7 +18,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from central.fleet.link import broker_address, operator_tls
+from central.fleet.link import (
+    SERVE_CERT_S,
+    TOOL_CERT_S,
+    broker_address,
+    operator_cert,
+    operator_tls,
+)
 from central.fleet.registry import Fleet
 from central.fleet.store import FleetStore
 from central.home import Home
@@ -210,8 +216,8 @@ def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with _store(fleet.home) as store, operator_tls(fleet, "fleet") as tls:
-        FleetService(store, address, tls).run(stop)
+    with _store(fleet.home) as store, operator_cert(fleet, "fleet", SERVE_CERT_S) as cert:
+        FleetService(store, address, cert.context, cert=cert).run(stop)
     return 0
 
 
@@ -302,6 +308,8 @@ def _set_key(doc: dict[str, Any], dotted: str, value: Any) -> None:
 def _config(fleet: Fleet, args: argparse.Namespace) -> int:
     from central.fleet.commands import publish_desired
 
+    if not 0.1 <= args.timeout <= 3600:
+        raise UsageError(f"--timeout {args.timeout} is out of range (0.1..3600 s)")
     with _store(fleet.home) as store:
         targets = _targets(fleet, store, args.target)
         if not targets:
@@ -319,7 +327,7 @@ def _config(fleet: Fleet, args: argparse.Namespace) -> int:
                     _set_key(overrides, key.strip(), None)
                 version = store.set_desired(dev, overrides)
                 pushed[dev] = DesiredConfig(version=version, overrides=overrides, ts=time.time())
-            with operator_tls(fleet, "cli") as tls:
+            with operator_tls(fleet, "cli", args.timeout + TOOL_CERT_S) as tls:
                 reports = publish_desired(broker_address(fleet, args.broker), tls, pushed,
                                           wait_s=args.timeout)
             for dev, rep in reports.items():
@@ -359,7 +367,7 @@ def _cmd(fleet: Fleet, args: argparse.Namespace) -> int:
         targets = _targets(fleet, store, args.target)
         if not targets:
             raise UsageError(f"target {args.target!r} names no box")
-        with operator_tls(fleet, "cli") as tls:
+        with operator_tls(fleet, "cli", args.timeout + TOOL_CERT_S) as tls:
             answers = send_commands(broker_address(fleet, args.broker), tls, fleet.command_key(),
                                     store, targets, args.name, cmd_args, timeout_s=args.timeout)
     silent = [d for d, r in answers.items() if r is None]

@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from central.fleet.link import BrokerAddress
+from central.fleet.link import BrokerAddress, OperatorCert
 from central.fleet.store import FleetStore
 from linerec_contract.errors import FormatError
 from linerec_contract.fleet_protocol import (
@@ -68,11 +68,12 @@ class _Allowance:
 
 class FleetService:
     def __init__(self, store: FleetStore, address: BrokerAddress, tls: ssl.SSLContext, *,
-                 keepalive_s: int = 30) -> None:
+                 keepalive_s: int = 30, cert: OperatorCert | None = None) -> None:
         self.store = store
         self.address = address
         self.tls = tls
         self.keepalive_s = keepalive_s
+        self.cert = cert  # renewed before it expires, so a reconnection presents a valid one
         self.ready = threading.Event()
         self.counters: dict[str, int] = {"messages": 0, "ignored": 0, "stale_deaths": 0,
                                          "rate_limited": 0}
@@ -175,6 +176,9 @@ class FleetService:
         try:
             while not stop.wait(SWEEP_S):
                 self.sweep()
+                if self.cert is not None and self.cert.due():
+                    self.cert.renew()
+                    log.info("renewed the fleet service's certificate (%s)", self.cert.cn)
         finally:
             client.disconnect()
             client.loop_stop()
