@@ -46,7 +46,7 @@ from paho.mqtt.properties import Properties
 from appliance import __version__, lifecycle, sdnotify
 from appliance.config import Config
 from appliance.sync.fleet_config import ConfigApplier, supervisor_restart, systemd_restart
-from linerec_contract.durable import write_status
+from linerec_contract.durable import atomic_write_json, write_status
 from linerec_contract.errors import ApplianceError, FormatError
 from linerec_contract.fleet_protocol import (
     CommandRefused,
@@ -65,6 +65,8 @@ from linerec_contract.protocol import MAX_CONTROL_MESSAGE, event_topic, telemetr
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 48 * 1024
+ALARM_SAMPLE_S = 2.0  # how often alarms are looked at, link up or not
+MAX_PENDING_EVENTS = 500  # alarm events waiting for the link; beyond, the oldest are dropped
 MAX_INBOX = 64  # queued commands and configs; more are dropped (and counted) until drained
 ANSWER_WAIT_S = 5.0
 
@@ -111,10 +113,18 @@ class FleetAgent:
         self.heartbeat_s: float | None = None  # set by the uplink from its keep-alive
         self._last_sent = 0.0  # monotonic time of the agent's last message on this connection
         self._client: mqtt.Client | None = None  # the connection of the tick running now
-        # The alarms central was last told about, kept across reconnections and restarts (an
-        # advisory file) so that an alarm raised or cleared meanwhile still becomes an event.
+        # The alarms last observed, kept across restarts (an advisory file) so that an alarm
+        # raised or cleared meanwhile still becomes an event. They are observed every
+        # ALARM_SAMPLE_S whether the link is up or not; the events wait in a bounded, durable
+        # queue until the broker has acknowledged them (PUBACK), so an alarm raised and cleared
+        # while the box is offline still reaches central, in order, with the time it was seen.
         self._alarms_path = self.fleet_dir / "alarms.json"
         self._alarms: dict[str, dict[str, Any]] | None = self._load_alarms()
+        self._next_observe = 0.0
+        self._events_path = self.fleet_dir / "events-pending.json"
+        self._events = self._load_events()
+        self._events_client: mqtt.Client | None = None  # the connection _events_inflight is on
+        self._events_inflight: dict[int, mqtt.MQTTMessageInfo] = {}
         self._after: list[Callable[[], None]] = []
         self._selftest: threading.Thread | None = None  # a remote self-test running
         self.started = time.monotonic()
@@ -162,6 +172,39 @@ class FleetAgent:
             return None
         return obj if isinstance(obj, dict) else None
 
+    def _load_events(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self._events_path.read_text())
+        except (OSError, ValueError):
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("events"), list):
+            return {"seq": 0, "dropped": 0, "events": []}
+        return obj
+
+    def _save_events(self) -> None:
+        try:
+            # Durability: an alarm event observed while offline survives a power cut until
+            # central has it (one small fsynced file, written only when alarms change or
+            # events are acknowledged).
+            atomic_write_json(self._events_path, self._events)
+        except OSError as err:
+            log.warning("fleet: cannot keep %s: %s", self._events_path, err)
+
+    def next_observe(self) -> float:
+        """When :meth:`observe` has work next (the uplink wakes for it, link up or not)."""
+        return self._next_observe
+
+    def observe(self) -> None:
+        """The uplink's loop, link up or not: look at the box's alarms every ALARM_SAMPLE_S
+        and queue an event for each raised or cleared."""
+        now = time.monotonic()
+        if now < self._next_observe:
+            return
+        from appliance.status import collect
+
+        st = collect(self.cfg)
+        self._observe(self._current_alarms(st, st["stages"].get("recorder", {})), now)
+
     def next_deadline(self) -> float:
         if self.heartbeat_s is None:
             return self._next_telemetry
@@ -186,11 +229,12 @@ class FleetAgent:
             telemetry = self.telemetry()
             client.publish(telemetry_topic(self.device_id), json.dumps(telemetry).encode(), qos=0)
             self.counters["telemetry"] += 1
-            self._publish_alarm_events(client, telemetry)
+            self._observe(telemetry["alarms"], now)
             self._next_telemetry = now + self.interval_s
             self._last_sent = now
         else:
             self._heartbeat(client, now)
+        self._flush_events(client)
         after, self._after = self._after, []
         for action in after:
             action()
@@ -477,7 +521,10 @@ class FleetAgent:
                 "unread_pct": round(100.0 * min(unread, slots) / slots, 1)}
 
     def _current_alarms(self, st: dict[str, Any], rec: dict[str, Any]) -> list[dict[str, Any]]:
-        out = [{"alarm": a.get("alarm"), "detail": a.get("detail")} for a in st.get("alarms", [])]
+        # Line alarms come from the recorder with their line; the rest with their source
+        # (a stage), which tells one alarm from another of the same kind.
+        out = [{"alarm": a.get("alarm"), "source": a.get("source"), "detail": a.get("detail")}
+               for a in st.get("alarms", []) if not str(a.get("source", "")).startswith("line ")]
         out += [{"alarm": a.get("kind"), "line": a.get("line")} for a in rec.get("alarms", [])]
         out += [{"alarm": "stage-down", "stage": n} for n, d in st["stages"].items()
                 if not d.get("running")]
@@ -488,24 +535,57 @@ class FleetAgent:
 
         return status_summary(self.cfg)
 
-    def _publish_alarm_events(self, client: mqtt.Client, telemetry: dict[str, Any]) -> None:
-        current = {json.dumps(a, sort_keys=True): a for a in telemetry["alarms"]}
-        if self._alarms is not None:
-            now = self.clock()
-            for key in current.keys() - self._alarms.keys():
-                event = {"v": 1, "kind": "alarm-raised", "ts": now, **current[key]}
-                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
-                self.counters["events"] += 1
-            for key in self._alarms.keys() - current.keys():
-                event = {"v": 1, "kind": "alarm-cleared", "ts": now, **self._alarms[key]}
-                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
-                self.counters["events"] += 1
+    def _observe(self, alarms: list[dict[str, Any]], now: float) -> None:
+        """Queue an event for every alarm raised or cleared since the last observation."""
+        self._next_observe = now + ALARM_SAMPLE_S
+        # An alarm is the same alarm while its kind and place are (its detail, e.g. "last
+        # reported 20 s ago", changes from one look to the next).
+        current = {json.dumps({k: v for k, v in a.items() if k != "detail"}, sort_keys=True): a
+                   for a in alarms}
+        if self._alarms is not None and current != self._alarms:
+            ts = self.clock()
+            changes = [{"kind": "alarm-raised", **current[k]}
+                       for k in sorted(current.keys() - self._alarms.keys())]
+            changes += [{"kind": "alarm-cleared", **self._alarms[k]}
+                        for k in sorted(self._alarms.keys() - current.keys())]
+            for change in changes:
+                self._events["seq"] += 1
+                self._events["events"].append({"v": 1, "ts": ts, "seq": self._events["seq"],
+                                               **change})
+            over = len(self._events["events"]) - MAX_PENDING_EVENTS
+            if over > 0:  # the oldest go; central is told how many
+                del self._events["events"][:over]
+                self._events["dropped"] += over
+            self._save_events()
         if current != self._alarms:
             try:
                 write_status(self._alarms_path, current)
             except OSError as err:
                 log.warning("fleet: cannot keep %s: %s", self._alarms_path, err)
         self._alarms = current
+
+    def _flush_events(self, client: mqtt.Client) -> None:
+        """Send the queued events (QoS 1) and forget those the broker acknowledged; a new
+        connection sends again whatever was not acknowledged on the last one."""
+        if client is not self._events_client:
+            self._events_client, self._events_inflight = client, {}
+        if self._events["dropped"]:
+            self._events["seq"] += 1
+            self._events["events"].insert(0, {
+                "v": 1, "ts": self.clock(), "seq": self._events["seq"], "kind": "events-dropped",
+                "count": self._events["dropped"]})
+            self._events["dropped"] = 0
+        for event in self._events["events"]:
+            if event["seq"] not in self._events_inflight:
+                self._events_inflight[event["seq"]] = client.publish(
+                    event_topic(self.device_id), json.dumps(event).encode(), qos=1)
+                self.counters["events"] += 1
+        done = {seq for seq, info in self._events_inflight.items() if info.is_published()}
+        if done:
+            self._events["events"] = [e for e in self._events["events"] if e["seq"] not in done]
+            for seq in done:
+                del self._events_inflight[seq]
+            self._save_events()
 
 
 def _uptime() -> float:

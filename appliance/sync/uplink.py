@@ -346,6 +346,8 @@ class Uplink(UplinkBase):
                     self._dirty.clear()
                     self._rescan()
                     next_rescan = now + self.rescan_s
+                if self.agent is not None:
+                    self.agent.observe()  # alarms, link up or not
                 if link is Link.READY and self._client is not None and not lost:
                     self._announce_losses(self._client)
                     self._send(self._client)
@@ -374,6 +376,8 @@ class Uplink(UplinkBase):
                     sending: bool) -> float:
         now = time.monotonic()
         deadlines = [next_rescan, next_status]
+        if self.agent is not None:
+            deadlines.append(self.agent.next_observe())
         if sending and self.agent is not None:
             deadlines.append(self.agent.next_deadline())
         if self._client is None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from central.fleet.link import (
     SERVE_CERT_S,
+    SERVICE_CN,
     TOOL_CERT_S,
     broker_address,
     operator_cert,
@@ -216,7 +217,10 @@ def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with _store(fleet.home) as store, operator_cert(fleet, "fleet", SERVE_CERT_S) as cert:
+    # One fleet service per central: a fixed name, so its broker session (and the box events
+    # queued in it while the service was down) outlives a restart of the service.
+    with _store(fleet.home) as store, \
+            operator_cert(fleet, "fleet", SERVE_CERT_S, cn=SERVICE_CN) as cert:
         FleetService(store, address, cert.context, cert=cert).run(stop)
     return 0
 

@@ -34,6 +34,7 @@ from linerec_contract.tls import tls_context
 BACKDATE = dt.timedelta(minutes=2)
 TOOL_CERT_S = 300.0
 SERVE_CERT_S = 900.0
+SERVICE_CN = "central-fleet"  # fleet serve's fixed name: one broker session across restarts
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class OperatorCert:
     little apart) and is never revoked: it expires. :meth:`renew` puts a fresh one in the same
     context, for a long-running tool's next reconnection."""
 
-    def __init__(self, fleet: Fleet, role: str, lifetime_s: float, folder: Path) -> None:
+    def __init__(self, fleet: Fleet, role: str, lifetime_s: float, folder: Path,
+                 cn: str | None = None) -> None:
         pki = fleet.pki
         if not pki.ca_key.is_file():
             raise ConfigError(f"{pki.dir} holds no fleet CA yet: enrol a box first "
@@ -75,6 +77,7 @@ class OperatorCert:
         self.fleet, self.role, self.lifetime_s = fleet, role, lifetime_s
         self.cert_path, self.key_path = folder / "client.crt", folder / "client.key"
         self.expires_at = 0.0
+        self.fixed_cn = cn
         self.cn = ""
         self._mint()
         self.context = tls_context(ssl.Purpose.SERVER_AUTH, Path(fleet.home.config().ca or
@@ -83,7 +86,7 @@ class OperatorCert:
 
     def _mint(self) -> None:
         key = new_tls_key()
-        self.cn = f"central-{self.role}-{secrets.token_hex(4)}"
+        self.cn = self.fixed_cn or f"central-{self.role}-{secrets.token_hex(4)}"
         cert = sign_request(self.fleet.pki, self.cn, key.public_key(),
                             valid_for=dt.timedelta(seconds=self.lifetime_s), backdate=BACKDATE)
         atomic_write(self.key_path, key_pem(key), mode=0o600)
@@ -101,10 +104,12 @@ class OperatorCert:
 
 
 @contextmanager
-def operator_cert(fleet: Fleet, role: str, lifetime_s: float) -> Iterator[OperatorCert]:
-    """An :class:`OperatorCert`; its key is deleted when the tool is done."""
+def operator_cert(fleet: Fleet, role: str, lifetime_s: float,
+                  cn: str | None = None) -> Iterator[OperatorCert]:
+    """An :class:`OperatorCert` (``cn``: a fixed name, for a tool that keeps a broker session
+    across its restarts); its key is deleted when the tool is done."""
     with tempfile.TemporaryDirectory(prefix="fleet-tls-") as tmp:
-        yield OperatorCert(fleet, role, lifetime_s, Path(tmp))
+        yield OperatorCert(fleet, role, lifetime_s, Path(tmp), cn)
 
 
 @contextmanager

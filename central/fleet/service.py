@@ -1,11 +1,13 @@
 """The fleet service: records every box's status, telemetry, events, command results and
 reported config in the fleet store (``appliance-central fleet serve``).
 
-One MQTT v5 connection with a ``central-fleet-*`` certificate, plain (not shared) QoS 1
-subscriptions to the fleet topics of every box. Each message is parsed completely and bounded
-(64 KiB) before it touches the store; the device is the one in the topic (the broker lets a box
-write only its own subtree), and a message that claims another device or does not parse is
-counted and ignored, logged at most once a minute per device.
+One MQTT v5 connection with the ``central-fleet`` certificate, plain (not shared) QoS 1
+subscriptions to the fleet topics of every box, in a persistent session (clean start off,
+expiry :data:`SESSION_EXPIRY_S`): what the boxes send with QoS 1 while the service is down or
+reconnecting (events, command results, reports) waits at the broker for it. Each message is
+parsed completely and bounded (64 KiB) before it touches the store; the device is the one in the
+topic (the broker lets a box write only its own subtree), and a message that claims another
+device or does not parse is counted and ignored, logged at most once a minute per device.
 
 Liveness: every message of a box counts as a sign of life (:meth:`FleetStore.touch`), and a sweep
 every :data:`SWEEP_S` records offline the boxes that fell silent for half their declared
@@ -24,6 +26,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from central.fleet.link import BrokerAddress, OperatorCert
@@ -46,6 +50,7 @@ LOG_EVERY_S = 60.0
 # counted, so one box cannot keep the fleet service busy for the others.
 RATE_PER_S = 5.0
 RATE_BURST = 50.0
+SESSION_EXPIRY_S = 3600  # the broker keeps the service's QoS 1 messages this long while it is away
 SWEEP_S = 0.5  # how often silent boxes are looked for; far below any keep-alive (>= 5 s)
 
 
@@ -171,7 +176,10 @@ class FleetService:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = lambda _c, _u, msg: self.handle(msg.topic, bytes(msg.payload))
-        client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s,
+                             clean_start=False, properties=props)
         client.loop_start()
         try:
             while not stop.wait(SWEEP_S):
