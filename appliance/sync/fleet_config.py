@@ -66,11 +66,25 @@ def _nothing() -> None:
     pass
 
 
+def status_pids(files: dict[str, Path]) -> dict[str, object]:
+    """The pid in each stage's status file (None where there is none)."""
+    pids: dict[str, object] = {}
+    for name, path in files.items():
+        try:
+            pids[name] = json.loads(path.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            pids[name] = None
+    return pids
+
+
 def watch_stages(files: dict[str, Path], since: float, timeout_s: float,
-                 exited: Callable[[], str], pulse: Callable[[], None] = _nothing) -> str:
-    """"" once every stage wrote its status after ``since``; else why not (``exited`` names a
-    stage that stopped, e.g. "stage capture-main exited with code 2"). ``pulse`` is called while
-    waiting: the uplink's loop is blocked here and must keep its own keep-alives going."""
+                 exited: Callable[[], str], pulse: Callable[[], None] = _nothing,
+                 old_pids: dict[str, object] | None = None) -> str:
+    """"" once every stage wrote its status after ``since`` (and, with ``old_pids``, from
+    another process than before the restart: a stopping stage writes a last status too); else
+    why not (``exited`` names a stage that stopped, e.g. "stage capture-main exited with code
+    2"). ``pulse`` is called while waiting: the uplink's loop is blocked here and must keep its
+    own keep-alives going."""
     deadline = time.monotonic() + timeout_s
     while True:
         gone = exited()
@@ -79,10 +93,12 @@ def watch_stages(files: dict[str, Path], since: float, timeout_s: float,
         late = []
         for name, path in files.items():
             try:
-                ts = float(json.loads(path.read_text()).get("ts", 0))
-            except (OSError, ValueError, AttributeError):
-                ts = 0.0
-            if ts <= since:
+                status = json.loads(path.read_text())
+                ts, pid = float(status.get("ts", 0)), status.get("pid")
+            except (OSError, ValueError, AttributeError, TypeError):
+                ts, pid = 0.0, None
+            old = (old_pids or {}).get(name)
+            if ts <= since or (old is not None and pid == old):
                 late.append(name)
         if not late:
             return ""
@@ -104,6 +120,8 @@ def systemd_restart(cfg_loader: Callable[[], Config], boot_id: str,
             return f"the config does not load: {err}"
         units = ["appliance-recorder.service",
                  *[f"appliance-capture@{c.name}.service" for c in cfg.capture]]
+        files = stage_status_files(cfg)
+        old_pids = status_pids(files)
         since = time.time()
         systemctl = shutil.which("systemctl") or "systemctl"
         lifecycle.request(cfg.state_dir, "restart-stages", boot_id)
@@ -115,7 +133,7 @@ def systemd_restart(cfg_loader: Callable[[], Config], boot_id: str,
                    if state == "failed"]
             return f"unit {', '.join(bad)} failed" if bad else ""
 
-        return watch_stages(stage_status_files(cfg), since, timeout_s, failed, pulse)
+        return watch_stages(files, since, timeout_s, failed, pulse, old_pids)
 
     return restart
 
