@@ -40,6 +40,8 @@ class CaptureSupervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self) -> str:
         self._stop()
