@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 MAX_LOG_BYTES = 48 * 1024
 ALARM_SAMPLE_S = 2.0  # how often alarms are looked at, link up or not
 MAX_PENDING_EVENTS = 500  # alarm events waiting for the link; beyond, the oldest are dropped
+# Queued events go out at most this fast (bursts of EVENT_BURST), well inside the per-box budget
+# of central's fleet service (5 messages a second, bursts of 50) with telemetry and heartbeats.
+EVENT_RATE_PER_S = 2.0
+EVENT_BURST = 20.0
 MAX_INBOX = 64  # queued commands and configs; more are dropped (and counted) until drained
 ANSWER_WAIT_S = 5.0
 
@@ -125,6 +129,7 @@ class FleetAgent:
         self._events = self._load_events()
         self._events_client: mqtt.Client | None = None  # the connection _events_inflight is on
         self._events_inflight: dict[int, mqtt.MQTTMessageInfo] = {}
+        self._event_tokens, self._event_tokens_at = EVENT_BURST, time.monotonic()
         self._after: list[Callable[[], None]] = []
         self._selftest: threading.Thread | None = None  # a remote self-test running
         self.started = time.monotonic()
@@ -206,9 +211,12 @@ class FleetAgent:
         self._observe(self._current_alarms(st, st["stages"].get("recorder", {})), now)
 
     def next_deadline(self) -> float:
-        if self.heartbeat_s is None:
-            return self._next_telemetry
-        return min(self._next_telemetry, self._last_sent + self.heartbeat_s)
+        due = [self._next_telemetry]
+        if self.heartbeat_s is not None:
+            due.append(self._last_sent + self.heartbeat_s)
+        if len(self._events["events"]) > len(self._events_inflight):
+            due.append(self._event_tokens_at + 1.0 / EVENT_RATE_PER_S)  # more events to send
+        return min(due)
 
     def tick(self, client: mqtt.Client) -> None:
         """The uplink's loop: handle what arrived, publish telemetry and events when due."""
@@ -542,7 +550,7 @@ class FleetAgent:
         # reported 20 s ago", changes from one look to the next).
         current = {json.dumps({k: v for k, v in a.items() if k != "detail"}, sort_keys=True): a
                    for a in alarms}
-        if self._alarms is not None and current != self._alarms:
+        if self._alarms is not None and current.keys() != self._alarms.keys():
             ts = self.clock()
             changes = [{"kind": "alarm-raised", **current[k]}
                        for k in sorted(current.keys() - self._alarms.keys())]
@@ -557,7 +565,7 @@ class FleetAgent:
                 del self._events["events"][:over]
                 self._events["dropped"] += over
             self._save_events()
-        if current != self._alarms:
+        if self._alarms is None or current.keys() != self._alarms.keys():
             try:
                 write_status(self._alarms_path, current)
             except OSError as err:
@@ -575,8 +583,16 @@ class FleetAgent:
                 "v": 1, "ts": self.clock(), "seq": self._events["seq"], "kind": "events-dropped",
                 "count": self._events["dropped"]})
             self._events["dropped"] = 0
+            self._save_events()
+        now = time.monotonic()
+        self._event_tokens = min(EVENT_BURST, self._event_tokens
+                                 + (now - self._event_tokens_at) * EVENT_RATE_PER_S)
+        self._event_tokens_at = now
         for event in self._events["events"]:
             if event["seq"] not in self._events_inflight:
+                if self._event_tokens < 1.0:
+                    break  # paced below central's per-box message budget; the rest follow
+                self._event_tokens -= 1.0
                 self._events_inflight[event["seq"]] = client.publish(
                     event_topic(self.device_id), json.dumps(event).encode(), qos=1)
                 self.counters["events"] += 1
