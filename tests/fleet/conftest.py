@@ -39,13 +39,14 @@ class Box:
         assert not self.thread.is_alive()
 
 
-def box_config(root: Path, dev: str, extra: str = "") -> tuple[Config, Path]:
+def box_config(root: Path, dev: str, extra: str = "",
+               telemetry_interval_s: float = 1.0) -> tuple[Config, Path]:
     from appliance.config import load_config
 
     path = root / dev / "appliance.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[device]\nid = "{dev}"\n[paths]\nstate_dir = "{root / dev / "state"}"\n'
-                    f'[fleet]\ntelemetry_interval_s = 1.0\n{extra}')
+                    f'[fleet]\ntelemetry_interval_s = {telemetry_interval_s}\n{extra}')
     return load_config(path), path
 
 
@@ -85,8 +86,8 @@ def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable
     made: list[Box] = []
 
     def make(dev: str = "box-a", *, extra: str = "", restart: Any = None, keepalive_s: int = 30,
-             **kw: Any) -> Box:
-        cfg, path = box_config(tmp_path / "boxes", dev, extra)
+             telemetry_interval_s: float = 1.0, **kw: Any) -> Box:
+        cfg, path = box_config(tmp_path / "boxes", dev, extra, telemetry_interval_s)
         enrol(fleet, cfg, broker.port, tmp_path, **kw)
         ca, cert, key = cfg.tls_paths()
         cfg.run_dir.mkdir(parents=True, exist_ok=True)

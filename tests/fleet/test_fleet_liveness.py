@@ -128,8 +128,7 @@ def test_the_real_agent_beats_between_telemetry_and_leaves_by_its_will(
         try:
             assert svc.ready.wait(30)
             # Telemetry once a minute, keep-alive 5 s: only heartbeats can keep it online.
-            box = start_box("box-a", extra="", keepalive_s=5)
-            box.agent.interval_s = 60.0
+            box = start_box("box-a", keepalive_s=5, telemetry_interval_s=60.0)
             _wait(lambda: (store.status("box-a") or {}).get("state") == "online", "birth")
             st = store.status("box-a")
             assert st is not None and st["keepalive_s"] == 5
