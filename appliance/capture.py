@@ -349,6 +349,7 @@ class CaptureLoop:
         return {
             "version": 1,
             "ts": time.time(),
+            "pid": os.getpid(),
             "stream": self.stream.name,
             "state": self.state,
             "source": self.source.description,

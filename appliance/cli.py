@@ -170,12 +170,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     locks.acquire(cfg.state_dir, name, f"appliance stage {args.name}"
                   + (f" {stream}" if args.name == "capture" else ""))
     stop = stages.stop_on_signals()
-    if args.name == "capture":
-        stages.run_capture_stage(cfg, stream, stop)
-    elif args.name == "recorder":
-        stages.run_recorder_stage(cfg, stop)
-    else:
-        stages.run_uplink_stage(cfg, stop, config_path=args.config)
+    with stages.exit_recorded(cfg, name):
+        if args.name == "capture":
+            stages.run_capture_stage(cfg, stream, stop)
+        elif args.name == "recorder":
+            stages.run_recorder_stage(cfg, stop)
+        else:
+            stages.run_uplink_stage(cfg, stop, config_path=args.config)
     return 0
 
 

@@ -232,6 +232,10 @@ class UplinkSection(_Section):
         ge=0, le=10_000_000, description="outbox quota in MiB; 0 = only the disk's reserve")] = 0
     disk_full_policy: Literal["stop-new-calls", "drop-oldest"] = Field(
         "stop-new-calls", description="when the outbox is full of unsent segments")
+    keepalive_s: Annotated[int, Field(
+        ge=5, le=3600,
+        description="MQTT keep-alive; the fleet agent sends something at least every quarter "
+        "of it and central shows the box offline after half of it without a message")] = 30
 
 
 class HealthSection(_Section):

@@ -7,17 +7,19 @@ Each stage is a separate OS process so that a crash or a stall in one cannot sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import sdnotify
 from appliance.config import Config
 from linerec_contract.durable import ensure_dir, write_status
-from linerec_contract.errors import ConfigError
+from linerec_contract.errors import ApplianceError, ConfigError
 
 if TYPE_CHECKING:
     from appliance.sync.outbox import Outbox
@@ -36,6 +38,23 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+@contextlib.contextmanager
+def exit_recorded(cfg: Config, name: str) -> Iterator[None]:
+    """Keep the one-line error a stage stops with in ``<run_dir>/<name>.exit.json`` (removed
+    when it starts), so its supervisor can say why it did not start (a pushed config's report
+    names it)."""
+    path = cfg.run_dir / f"{name}.exit.json"
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+    try:
+        yield
+    except ApplianceError as err:
+        with contextlib.suppress(OSError):  # advisory: the error itself goes on
+            write_status(path, {"ts": time.time(), "exit_code": err.exit_code,
+                                "error": str(err)})
+        raise
 
 
 def load_recipients(cfg: Config) -> list[str]:
@@ -119,7 +138,7 @@ def run_uplink_stage(cfg: Config, stop: threading.Event,
         uplink = Uplink(device_id=cfg.device.id, outbox=outbox, host=host, port=port,
                         ca=ca, cert=cert, key=key, status_path=status_path, window=u.window,
                         ack_timeout_s=u.ack_timeout_s, max_kbps=u.max_kbps, order=u.order,
-                        chunk_bytes=u.chunk_bytes, agent=agent)
+                        chunk_bytes=u.chunk_bytes, keepalive_s=u.keepalive_s, agent=agent)
     uplink.run(stop)
 
 

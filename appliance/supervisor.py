@@ -8,6 +8,13 @@ Where there is no systemd this is the box's supervisor, and it honours the same 
 each child gets a ``NOTIFY_SOCKET`` of its own and ``WATCHDOG_USEC``; a child that stops sending
 ``WATCHDOG=1`` (a capture stuck in the driver, a recorder stuck in analysis) is killed and
 restarted like a crashed one. Whatever this starts dies with it (see :mod:`appliance.procs`).
+
+It also acts on the uplink's requests (:mod:`appliance.lifecycle`): ``restart`` stops and starts
+every stage, ``restart-stages`` the capture and recorder stages (a pushed config), each with the
+config as it is on disk now; ``reboot`` it cannot do (the agent refuses it under ``appliance
+run``). What each child does is published in ``<run_dir>/supervisor.json`` (pid, start time,
+ready, exit code), which the uplink reads to judge whether a pushed config lets the stages
+start.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import procs
-from appliance.config import Config
+from appliance import lifecycle, procs
+from appliance.config import Config, load_config
+from linerec_contract.durable import ensure_dir, write_status
+from linerec_contract.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +60,17 @@ class Child:
     sock_name: str = ""
     ready: bool = False
     last_alive: float = 0.0
+    started_at: float = 0.0  # wall clock of the last start
+    exit_code: int | None = None  # of the process last started, once it exited
+    exited_at: float | None = None
 
     def start(self) -> None:
         now = time.monotonic()
         self.starts = [t for t in self.starts if now - t < RESTART_WINDOW_S] + [now]
         env = dict(os.environ)
+        env[lifecycle.SUPERVISOR_ENV] = "run"
+        self.started_at = time.time()
+        self.exit_code = self.exited_at = None
         if self.watchdog_s > 0:
             self._open_socket()
             env["NOTIFY_SOCKET"] = self.sock_name
@@ -103,6 +118,11 @@ class Child:
             self.sock.close()
             self.sock = None
 
+    def report(self) -> dict[str, object]:
+        return {"pid": self.proc.pid if self.proc is not None else None,
+                "started_at": self.started_at, "ready": self.ready,
+                "exit_code": self.exit_code, "exited_at": self.exited_at, "done": self.done}
+
 
 def stage_argv(config_path: Path | None, *stage: str) -> list[str]:
     argv = [sys.executable, "-m", "appliance", "stage", *stage]
@@ -127,19 +147,72 @@ def supervise(cfg: Config, config_path: Path | None, stop: threading.Event) -> i
     locks.acquire(cfg.state_dir, "run", "appliance run")
     kids = children_for(cfg, config_path)
     parent = os.getppid()
+    ensure_dir(cfg.run_dir)
+    stale = lifecycle.take(cfg.state_dir)
+    if stale:
+        log.info("discarded requests left from before this start: %s", ", ".join(stale))
+    published: dict[str, object] = {}
     try:
         for kid in kids:
             kid.start()
         while not stop.is_set():
+            kids = act_on_requests(cfg, config_path, kids)
             now = time.monotonic()
             for kid in kids:
                 _tend(kid, now)
+            published = _publish(cfg, kids, published)
             stop.wait(0.2)
     finally:
         # A parent that died (a demo killed hard) wants everything gone now, not drained.
         drain = cfg.health.drain_on_stop_s if os.getppid() == parent else 0.0
         _stop_all(kids, before_uplink=lambda: drain_outbox(cfg, drain))
     return 0
+
+
+def act_on_requests(cfg: Config, config_path: Path | None, kids: list[Child]) -> list[Child]:
+    """Restart what the uplink asked for (see :mod:`appliance.lifecycle`); the children now."""
+    actions = lifecycle.take(cfg.state_dir)
+    if "reboot" in actions:
+        log.error("a reboot was requested, but appliance run cannot reboot the machine: ignored")
+    if "restart" in actions:
+        return restart_children(cfg, config_path, kids, lambda name: True)
+    if "restart-stages" in actions:
+        return restart_children(cfg, config_path, kids, lambda name: name != "uplink")
+    return kids
+
+
+def restart_children(cfg: Config, config_path: Path | None, kids: list[Child],
+                     chosen: Callable[[str], bool]) -> list[Child]:
+    """Stop the chosen children (in stop order) and start them again with the config on disk
+    now (a pushed config may add or remove capture streams)."""
+    try:
+        fresh = load_config(config_path)
+    except ApplianceError as err:
+        log.error("restart: the config does not load (%s): the stages start as configured "
+                  "before", err)
+        fresh = cfg
+    old = [k for k in kids if chosen(k.name)]
+    log.warning("restarting %s on request", ", ".join(k.name for k in old))
+    _stop_all(old)
+    started = [k for k in children_for(fresh, config_path) if chosen(k.name)]
+    for kid in started:
+        kid.start()
+    order = {k.name: i for i, k in enumerate(children_for(fresh, config_path))}
+    return sorted([*started, *(k for k in kids if not chosen(k.name))],
+                  key=lambda k: order.get(k.name, len(order)))
+
+
+def _publish(cfg: Config, kids: list[Child], before: dict[str, object]) -> dict[str, object]:
+    """Write ``supervisor.json`` when a child's state changed; returns what was written."""
+    children: dict[str, object] = {k.name: k.report() for k in kids}
+    if children == before:
+        return before
+    try:
+        write_status(cfg.run_dir / "supervisor.json",
+                     {"ts": time.time(), "pid": os.getpid(), "children": children})
+    except OSError as err:  # advisory: never stop supervising for a status file
+        log.warning("supervisor status %s: %s", cfg.run_dir / "supervisor.json", err.strerror)
+    return children
 
 
 def drain_outbox(cfg: Config, bound_s: float) -> str:
@@ -193,6 +266,7 @@ def _tend(kid: Child, now: float) -> None:
     else:
         procs.kill_group(kid.proc)  # whatever the stage started goes with it
     kid.proc = None
+    kid.exit_code, kid.exited_at = code, time.time()
     if code == 0 and kid.name.startswith("capture-"):
         log.info("%s finished (finite source)", kid.name)
         kid.done = True

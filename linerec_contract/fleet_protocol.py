@@ -66,22 +66,32 @@ def config_reported_topic(dev: str) -> str:
     return f"{TOPIC_ROOT}/{dev}/config/reported"
 
 
+def heartbeat_topic(dev: str) -> str:
+    return f"{TOPIC_ROOT}/{dev}/heartbeat"
+
+
 FLEET_SUBSCRIPTIONS: tuple[str, ...] = (
     f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/telemetry", f"{TOPIC_ROOT}/+/event",
-    f"{TOPIC_ROOT}/+/cmd/res", f"{TOPIC_ROOT}/+/config/reported",
+    f"{TOPIC_ROOT}/+/cmd/res", f"{TOPIC_ROOT}/+/config/reported", f"{TOPIC_ROOT}/+/heartbeat",
 )
+# Liveness (docs/protocol.md): a box whose status declares a keep-alive K sends a message at
+# least every K * HEARTBEAT_FRACTION; central shows it offline once nothing arrived from it for
+# K * SILENCE_FRACTION (two missed heartbeats), well within the keep-alive, while the broker
+# itself gives up on a silent connection only after 1.5 K.
+HEARTBEAT_FRACTION = 0.25
+SILENCE_FRACTION = 0.5
 
 
 def parse_fleet_topic(topic: str) -> tuple[str, str]:
     """``(device, kind)`` of a box-to-central fleet topic; kind is status, telemetry, event,
-    cmd/res or config/reported."""
+    cmd/res, config/reported or heartbeat."""
     parts = topic.split("/")
     if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
         raise FormatError(f"topic {topic!r} is not under {TOPIC_ROOT}/<dev>/")
     dev, kind = parts[2], "/".join(parts[3:])
     if not DEVICE_ID_RE.match(dev):
         raise FormatError(f"device id {dev!r} in topic {topic!r} is invalid")
-    if kind not in ("status", "telemetry", "event", "cmd/res", "config/reported"):
+    if kind not in ("status", "telemetry", "event", "cmd/res", "config/reported", "heartbeat"):
         raise FormatError(f"topic {topic!r} is not a fleet topic")
     return dev, kind
 

@@ -170,7 +170,9 @@ def _leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str
 
 def _leaf_for(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str,
               public: ec.EllipticCurvePublicKey, *, server: bool,
-              names: tuple[str, ...] = (*SERVER_HOSTS, *SERVER_IPS)) -> x509.Certificate:
+              names: tuple[str, ...] = (*SERVER_HOSTS, *SERVER_IPS),
+              valid_for: dt.timedelta = dt.timedelta(days=LEAF_DAYS),
+              backdate: dt.timedelta = dt.timedelta(minutes=5)) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -178,8 +180,8 @@ def _leaf_for(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn:
         .issuer_name(ca_cert.subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+        .not_valid_before(now - backdate)
+        .not_valid_after(now + valid_for)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -318,10 +320,16 @@ def parse_request(pem: bytes, what: str) -> tuple[str, ec.EllipticCurvePublicKey
     return _check_name(names[0].value), public
 
 
-def sign_request(pki: Pki, device_id: str, public: ec.EllipticCurvePublicKey) -> x509.Certificate:
-    """A client certificate for ``device_id`` from the CA (the box keeps its key)."""
+def sign_request(pki: Pki, device_id: str, public: ec.EllipticCurvePublicKey, *,
+                 valid_for: dt.timedelta | None = None,
+                 backdate: dt.timedelta | None = None) -> x509.Certificate:
+    """A client certificate for ``device_id`` from the CA (the box keeps its key): valid for
+    ``LEAF_DAYS`` unless ``valid_for`` says otherwise (central's short-lived operator
+    certificates), from ``backdate`` (default 5 min) before now, for clocks a little apart."""
     ca_cert, ca_key = load_ca(pki)
-    return _leaf_for(ca_cert, ca_key, _check_name(device_id), public, server=False)
+    return _leaf_for(ca_cert, ca_key, _check_name(device_id), public, server=False,
+                     valid_for=valid_for or dt.timedelta(days=LEAF_DAYS),
+                     backdate=dt.timedelta(minutes=5) if backdate is None else backdate)
 
 
 def issue_server(pki: Pki, names: list[str], cert_path: Path, key_path: Path) -> None:

@@ -49,6 +49,9 @@ AckResult = Literal["stored", "duplicate", "rejected"]
 ACK_RESULTS: tuple[str, ...] = ("stored", "duplicate", "rejected")
 
 
+MAX_KEEPALIVE_S = 65535  # MQTT's keep-alive is a 16-bit number of seconds
+
+
 def status_topic(dev: str) -> str:
     return f"{TOPIC_ROOT}/{dev}/status"
 
@@ -158,6 +161,10 @@ class Status:
     session: int
     ts: float
     config_version: int = 0  # the fleet config version the box runs (0: none pushed)
+    # The connection's MQTT keep-alive in seconds (0: not declared). A box that declares one
+    # sends something (telemetry or a heartbeat) at least every quarter of it, and central shows
+    # it offline once nothing arrived for half of it (docs/protocol.md, "Liveness").
+    keepalive_s: int = 0
     v: int = PROTOCOL_VERSION
 
     def encode(self) -> bytes:
@@ -177,8 +184,10 @@ class Status:
         session = check_int(obj.get("session"), "status field 'session'", 0, 2**63 - 1)
         config_version = check_int(obj.get("config_version", 0), "status field 'config_version'",
                                    0, 2**63 - 1)
+        keepalive_s = check_int(obj.get("keepalive_s", 0), "status field 'keepalive_s'", 0,
+                                MAX_KEEPALIVE_S)
         return cls(state=state, version=version, boot_id=boot_id, session=session, ts=float(ts),
-                   config_version=config_version)
+                   config_version=config_version, keepalive_s=keepalive_s)
 
 
 # -- chunking (MQTT v5 user properties on rec/v1/<dev>/seg/<seq>) --------------------------------

@@ -788,7 +788,7 @@ class Recorder:
             for s in self.streams
             for ln in s.lines
         ]
-        return {"ts": time.time(), "lines": lines, "sealed": self.sealed,
+        return {"ts": time.time(), "pid": os.getpid(), "lines": lines, "sealed": self.sealed,
                 "calls_started": self.calls_started, "next_seq": self.next_seq,
                 "caught_up": self.caught_up, "alarms": list(self.alarms),
                 "cursors": {s.section.name: s.cursor for s in self.streams}}

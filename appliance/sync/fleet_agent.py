@@ -11,11 +11,17 @@ response topic with the request's correlation data; telemetry goes out every
 
 Commands (``docs/protocol.md``, "Fleet management"): ``ping``; ``selftest`` (the unattended
 self-test, run beside the loop, answered when done, kept as the box's last result);
-``restart`` and ``reboot`` (through systemd, the box's supervisor; refused with a reason where
-the box does not run under systemd);
+``restart`` and ``reboot`` (a request to the box's supervisor, :mod:`appliance.lifecycle`:
+systemd's path units, or ``appliance run``, which restarts but cannot reboot; refused with the
+reason where nothing supervises the box);
 ``set-config`` (the same path as a pushed config); ``rotate-keys`` (as ``appliance keys
 rotate``); ``pci-pause`` / ``pci-resume`` on a line (a durable request the recorder applies,
 see ``appliance.recorder.pci``); ``upload-logs`` (the last lines of the box's logs, bounded).
+
+Liveness: the uplink declares its MQTT keep-alive in the box's status and sets
+:attr:`FleetAgent.heartbeat_s` to a quarter of it; whenever nothing else went out for that long
+the agent publishes a small heartbeat, so central can show a box that fell silent (frozen, link
+cut without a FIN) offline within the keep-alive, without waiting for the broker's last will.
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance import __version__
+from appliance import __version__, lifecycle, sdnotify
 from appliance.config import Config
-from appliance.sync.fleet_config import ConfigApplier, systemd_restart
-from linerec_contract.durable import write_status
+from appliance.sync.fleet_config import ConfigApplier, supervisor_restart, systemd_restart
+from linerec_contract.durable import atomic_write_json, write_status
 from linerec_contract.errors import ApplianceError, FormatError
 from linerec_contract.fleet_protocol import (
     CommandRefused,
@@ -52,12 +58,19 @@ from linerec_contract.fleet_protocol import (
     cmd_res_topic,
     config_desired_topic,
     config_reported_topic,
+    heartbeat_topic,
 )
 from linerec_contract.protocol import MAX_CONTROL_MESSAGE, event_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 48 * 1024
+ALARM_SAMPLE_S = 2.0  # how often alarms are looked at, link up or not
+MAX_PENDING_EVENTS = 500  # alarm events waiting for the link; beyond, the oldest are dropped
+# Queued events go out at most this fast (bursts of EVENT_BURST), well inside the per-box budget
+# of central's fleet service (5 messages a second, bursts of 50) with telemetry and heartbeats.
+EVENT_RATE_PER_S = 2.0
+EVENT_BURST = 20.0
 MAX_INBOX = 64  # queued commands and configs; more are dropped (and counted) until drained
 ANSWER_WAIT_S = 5.0
 
@@ -91,24 +104,39 @@ class FleetAgent:
                                          NonceStore(self.fleet_dir / "nonces.json"), clock=clock)
                          if central_key else None)
         self.config = ConfigApplier(cfg, config_path=config_path)
-        if _systemd_unit():
+        self.supervisor = lifecycle.supervisor()
+        if self.supervisor is not None:
             from appliance.config import load_config
 
-            self.config.restart = systemd_restart(lambda: load_config(config_path))
+            hook = systemd_restart if self.supervisor == "systemd" else supervisor_restart
+            self.config.restart = hook(lambda: load_config(config_path), boot_id, self._pulse)
         self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
         self._queued = 0
         self._queue_lock = threading.Lock()
         self._next_telemetry = 0.0
-        # The alarms central was last told about, kept across reconnections and restarts (an
-        # advisory file) so that an alarm raised or cleared meanwhile still becomes an event.
+        self.heartbeat_s: float | None = None  # set by the uplink from its keep-alive
+        self._last_sent = 0.0  # monotonic time of the agent's last message on this connection
+        self._client: mqtt.Client | None = None  # the connection of the tick running now
+        # The alarms last observed, kept across restarts (an advisory file) so that an alarm
+        # raised or cleared meanwhile still becomes an event. They are observed every
+        # ALARM_SAMPLE_S whether the link is up or not; the events wait in a bounded, durable
+        # queue until the broker has acknowledged them (PUBACK), so an alarm raised and cleared
+        # while the box is offline still reaches central, in order, with the time it was seen.
         self._alarms_path = self.fleet_dir / "alarms.json"
         self._alarms: dict[str, dict[str, Any]] | None = self._load_alarms()
+        self._next_observe = 0.0
+        self._events_path = self.fleet_dir / "events-pending.json"
+        self._events = self._load_events()
+        self._events_client: mqtt.Client | None = None  # the connection _events_inflight is on
+        self._events_inflight: dict[int, mqtt.MQTTMessageInfo] = {}
+        self._event_tokens, self._event_tokens_at = EVENT_BURST, time.monotonic()
         self._after: list[Callable[[], None]] = []
         self._selftest: threading.Thread | None = None  # a remote self-test running
         self.started = time.monotonic()
         self.link_state: Callable[[], str] | None = None  # set by the uplink that carries us
         self._status_dirty = False  # the config version changed: the birth should say so
-        self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0}
+        self.counters = {"commands": 0, "refused": 0, "dropped": 0, "telemetry": 0, "events": 0,
+                         "heartbeats": 0}
 
     # -- wiring with the uplink --------------------------------------------------------------
 
@@ -149,11 +177,50 @@ class FleetAgent:
             return None
         return obj if isinstance(obj, dict) else None
 
+    def _load_events(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self._events_path.read_text())
+        except (OSError, ValueError):
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("events"), list):
+            return {"seq": 0, "dropped": 0, "events": []}
+        return obj
+
+    def _save_events(self) -> None:
+        try:
+            # Durability: an alarm event observed while offline survives a power cut until
+            # central has it (one small fsynced file, written only when alarms change or
+            # events are acknowledged).
+            atomic_write_json(self._events_path, self._events)
+        except OSError as err:
+            log.warning("fleet: cannot keep %s: %s", self._events_path, err)
+
+    def next_observe(self) -> float:
+        """When :meth:`observe` has work next (the uplink wakes for it, link up or not)."""
+        return self._next_observe
+
+    def observe(self) -> None:
+        """The uplink's loop, link up or not: look at the box's alarms every ALARM_SAMPLE_S
+        and queue an event for each raised or cleared."""
+        now = time.monotonic()
+        if now < self._next_observe:
+            return
+        from appliance.status import collect
+
+        st = collect(self.cfg)
+        self._observe(self._current_alarms(st, st["stages"].get("recorder", {})), now)
+
     def next_deadline(self) -> float:
-        return self._next_telemetry
+        due = [self._next_telemetry]
+        if self.heartbeat_s is not None:
+            due.append(self._last_sent + self.heartbeat_s)
+        if len(self._events["events"]) > len(self._events_inflight):
+            due.append(self._event_tokens_at + 1.0 / EVENT_RATE_PER_S)  # more events to send
+        return min(due)
 
     def tick(self, client: mqtt.Client) -> None:
         """The uplink's loop: handle what arrived, publish telemetry and events when due."""
+        self._client = client
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -170,11 +237,29 @@ class FleetAgent:
             telemetry = self.telemetry()
             client.publish(telemetry_topic(self.device_id), json.dumps(telemetry).encode(), qos=0)
             self.counters["telemetry"] += 1
-            self._publish_alarm_events(client, telemetry)
+            self._observe(telemetry["alarms"], now)
             self._next_telemetry = now + self.interval_s
+            self._last_sent = now
+        else:
+            self._heartbeat(client, now)
+        self._flush_events(client)
         after, self._after = self._after, []
         for action in after:
             action()
+
+    def _heartbeat(self, client: mqtt.Client, now: float) -> None:
+        if self.heartbeat_s is not None and now >= self._last_sent + self.heartbeat_s:
+            beat = {"v": 1, "ts": self.clock(), "boot_id": self.boot_id}
+            client.publish(heartbeat_topic(self.device_id), json.dumps(beat).encode(), qos=0)
+            self.counters["heartbeats"] += 1
+            self._last_sent = now
+
+    def _pulse(self) -> None:
+        """Keep-alives while the uplink's loop waits for the stages to restart (a pushed
+        config): the watchdog of the uplink's unit or supervisor, and central's heartbeat."""
+        sdnotify.notifier().watchdog()
+        if self._client is not None:
+            self._heartbeat(self._client, time.monotonic())
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -263,7 +348,7 @@ class FleetAgent:
                                   "uptime_s": round(_uptime(), 1),
                                   "config_version": self.config.version})
             if name in ("restart", "reboot"):
-                return self._systemctl(name, done)
+                return self._lifecycle(name, done)
             if name == "set-config":
                 text = args.get("overrides")
                 if not isinstance(text, str):
@@ -310,19 +395,27 @@ class FleetAgent:
             return done("failed", "error", str(err))
         return done("failed", "unknown-command", f"unknown command {name!r}")
 
-    def _systemctl(self, name: str, done: Callable[..., CommandResult]) -> CommandResult:
-        if not _systemd_unit():
-            return done("failed", "not-available", f"{name} needs systemd (this box does not run "
-                        "as systemd units; restart it where it runs)")
-        argv = ["systemctl", "--no-block", "restart", "appliance.target"] if name == "restart" \
-            else ["systemctl", "--no-block", "reboot"]
+    def _lifecycle(self, name: str, done: Callable[..., CommandResult]) -> CommandResult:
+        """restart / reboot: a request to the box's supervisor, written once the answer is on
+        its way (the uplink goes down with the restart)."""
+        if self.supervisor is None:
+            return done("failed", "not-available", f"{name}: nothing supervises this box's "
+                        "stages (neither systemd nor 'appliance run'); restart it where it runs")
+        if name == "reboot" and self.supervisor == "run":
+            return done("failed", "not-available", "reboot: this box runs under 'appliance "
+                        "run', which restarts the stages but cannot reboot the machine; use "
+                        "restart, or reboot it where it runs")
+        action: lifecycle.Action = "restart" if name == "restart" else "reboot"
+        by = {"systemd": f"systemd (appliance-{action}.path)",
+              "run": "appliance run"}[self.supervisor]
 
         def act() -> None:
-            log.warning("fleet: %s requested by central: %s", name, " ".join(argv))
-            subprocess.run(argv, check=False, timeout=30)
+            path = lifecycle.request(self.cfg.state_dir, action, self.boot_id)
+            log.warning("fleet: %s requested by central: %s asked of %s", name, path, by)
 
         self._after.append(act)  # after the answer has been handed to paho
-        return done(data={"scheduled": " ".join(argv)})
+        return done(data={"requested": action, "by": by,
+                          "request": str(lifecycle.requests_dir(self.cfg.state_dir) / action)})
 
     def _line_ids(self) -> list[str]:
         ids: list[str] = []
@@ -436,7 +529,10 @@ class FleetAgent:
                 "unread_pct": round(100.0 * min(unread, slots) / slots, 1)}
 
     def _current_alarms(self, st: dict[str, Any], rec: dict[str, Any]) -> list[dict[str, Any]]:
-        out = [{"alarm": a.get("alarm"), "detail": a.get("detail")} for a in st.get("alarms", [])]
+        # Line alarms come from the recorder with their line; the rest with their source
+        # (a stage), which tells one alarm from another of the same kind.
+        out = [{"alarm": a.get("alarm"), "source": a.get("source"), "detail": a.get("detail")}
+               for a in st.get("alarms", []) if not str(a.get("source", "")).startswith("line ")]
         out += [{"alarm": a.get("kind"), "line": a.get("line")} for a in rec.get("alarms", [])]
         out += [{"alarm": "stage-down", "stage": n} for n, d in st["stages"].items()
                 if not d.get("running")]
@@ -447,24 +543,65 @@ class FleetAgent:
 
         return status_summary(self.cfg)
 
-    def _publish_alarm_events(self, client: mqtt.Client, telemetry: dict[str, Any]) -> None:
-        current = {json.dumps(a, sort_keys=True): a for a in telemetry["alarms"]}
-        if self._alarms is not None:
-            now = self.clock()
-            for key in current.keys() - self._alarms.keys():
-                event = {"v": 1, "kind": "alarm-raised", "ts": now, **current[key]}
-                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
-                self.counters["events"] += 1
-            for key in self._alarms.keys() - current.keys():
-                event = {"v": 1, "kind": "alarm-cleared", "ts": now, **self._alarms[key]}
-                client.publish(event_topic(self.device_id), json.dumps(event).encode(), qos=1)
-                self.counters["events"] += 1
-        if current != self._alarms:
+    def _observe(self, alarms: list[dict[str, Any]], now: float) -> None:
+        """Queue an event for every alarm raised or cleared since the last observation."""
+        self._next_observe = now + ALARM_SAMPLE_S
+        # An alarm is the same alarm while its kind and place are (its detail, e.g. "last
+        # reported 20 s ago", changes from one look to the next).
+        current = {json.dumps({k: v for k, v in a.items() if k != "detail"}, sort_keys=True): a
+                   for a in alarms}
+        if self._alarms is not None and current.keys() != self._alarms.keys():
+            ts = self.clock()
+            changes = [{"kind": "alarm-raised", **current[k]}
+                       for k in sorted(current.keys() - self._alarms.keys())]
+            changes += [{"kind": "alarm-cleared", **self._alarms[k]}
+                        for k in sorted(self._alarms.keys() - current.keys())]
+            for change in changes:
+                self._events["seq"] += 1
+                self._events["events"].append({"v": 1, "ts": ts, "seq": self._events["seq"],
+                                               **change})
+            over = len(self._events["events"]) - MAX_PENDING_EVENTS
+            if over > 0:  # the oldest go; central is told how many
+                del self._events["events"][:over]
+                self._events["dropped"] += over
+            self._save_events()
+        if self._alarms is None or current.keys() != self._alarms.keys():
             try:
                 write_status(self._alarms_path, current)
             except OSError as err:
                 log.warning("fleet: cannot keep %s: %s", self._alarms_path, err)
         self._alarms = current
+
+    def _flush_events(self, client: mqtt.Client) -> None:
+        """Send the queued events (QoS 1) and forget those the broker acknowledged; a new
+        connection sends again whatever was not acknowledged on the last one."""
+        if client is not self._events_client:
+            self._events_client, self._events_inflight = client, {}
+        if self._events["dropped"]:
+            self._events["seq"] += 1
+            self._events["events"].insert(0, {
+                "v": 1, "ts": self.clock(), "seq": self._events["seq"], "kind": "events-dropped",
+                "count": self._events["dropped"]})
+            self._events["dropped"] = 0
+            self._save_events()
+        now = time.monotonic()
+        self._event_tokens = min(EVENT_BURST, self._event_tokens
+                                 + (now - self._event_tokens_at) * EVENT_RATE_PER_S)
+        self._event_tokens_at = now
+        for event in self._events["events"]:
+            if event["seq"] not in self._events_inflight:
+                if self._event_tokens < 1.0:
+                    break  # paced below central's per-box message budget; the rest follow
+                self._event_tokens -= 1.0
+                self._events_inflight[event["seq"]] = client.publish(
+                    event_topic(self.device_id), json.dumps(event).encode(), qos=1)
+                self.counters["events"] += 1
+        done = {seq for seq, info in self._events_inflight.items() if info.is_published()}
+        if done:
+            self._events["events"] = [e for e in self._events["events"] if e["seq"] not in done]
+            for seq in done:
+                del self._events_inflight[seq]
+            self._save_events()
 
 
 def _uptime() -> float:

@@ -8,12 +8,15 @@ move its state (``device.id``, ``paths.*``), and writes
 the new ones. Every stage reads its config through ``appliance.config.load_config``, which lays
 the overrides over the file, so a stage started after the push runs the new config.
 
-Stages started before the push pick it up when they restart: under systemd the agent restarts
-the capture and recorder units, then watches their status files; if a stage does not come up
-with the new config within ``start_timeout_s``, the previous overrides are restored and the
-stages restarted again, and the report says ``rolled-back`` with the reason. Where the box does
-not run under systemd, :meth:`ConfigApplier.apply` takes a ``restart`` callable (the demo's and
-the tests' supervisor) that does the same job.
+Stages started before the push pick it up when they restart. The uplink cannot restart them
+itself (it runs unprivileged): it asks the box's supervisor with a ``restart-stages`` request
+(:mod:`appliance.lifecycle`) and watches the stages come up. Under ``appliance run`` the
+supervisor restarts them and publishes each child's start, readiness and exit code
+(``supervisor.json``, :func:`supervisor_restart`); under systemd a path unit restarts the units
+and the agent watches their status files and ``systemctl is-failed`` (:func:`systemd_restart`).
+If a stage does not come up with the new config within ``START_TIMEOUT_S`` (or exits), the
+previous overrides are restored and the stages restarted again, and the report says
+``rolled-back`` with the reason. With no supervisor the new config waits for the next start.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from appliance import lifecycle
 from appliance.config import (
     DEFAULT_CONFIG_PATH,
     FLEET_OVERRIDES,
@@ -58,10 +62,29 @@ def stage_status_files(cfg: Config) -> dict[str, Path]:
     return files
 
 
+def _nothing() -> None:
+    pass
+
+
+def status_pids(files: dict[str, Path]) -> dict[str, object]:
+    """The pid in each stage's status file (None where there is none)."""
+    pids: dict[str, object] = {}
+    for name, path in files.items():
+        try:
+            pids[name] = json.loads(path.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            pids[name] = None
+    return pids
+
+
 def watch_stages(files: dict[str, Path], since: float, timeout_s: float,
-                 exited: Callable[[], str]) -> str:
-    """"" once every stage wrote its status after ``since``; else why not (``exited`` names a
-    stage that stopped, e.g. "stage capture-main exited with code 2")."""
+                 exited: Callable[[], str], pulse: Callable[[], None] = _nothing,
+                 old_pids: dict[str, object] | None = None) -> str:
+    """"" once every stage wrote its status after ``since`` (and, with ``old_pids``, from
+    another process than before the restart: a stopping stage writes a last status too); else
+    why not (``exited`` names a stage that stopped, e.g. "stage capture-main exited with code
+    2"). ``pulse`` is called while waiting: the uplink's loop is blocked here and must keep its
+    own keep-alives going."""
     deadline = time.monotonic() + timeout_s
     while True:
         gone = exited()
@@ -70,22 +93,26 @@ def watch_stages(files: dict[str, Path], since: float, timeout_s: float,
         late = []
         for name, path in files.items():
             try:
-                ts = float(json.loads(path.read_text()).get("ts", 0))
-            except (OSError, ValueError, AttributeError):
-                ts = 0.0
-            if ts <= since:
+                status = json.loads(path.read_text())
+                ts, pid = float(status.get("ts", 0)), status.get("pid")
+            except (OSError, ValueError, AttributeError, TypeError):
+                ts, pid = 0.0, None
+            old = (old_pids or {}).get(name)
+            if ts <= since or (old is not None and pid == old):
                 late.append(name)
         if not late:
             return ""
         if time.monotonic() > deadline:
             return f"stage {', '.join(late)} did not start within {timeout_s:.0f} s"
+        pulse()
         time.sleep(0.2)
 
 
-def systemd_restart(cfg_loader: Callable[[], Config],
+def systemd_restart(cfg_loader: Callable[[], Config], boot_id: str,
+                    pulse: Callable[[], None] = _nothing,
                     timeout_s: float = START_TIMEOUT_S) -> RestartHook:
-    """The box's restart hook under systemd: restart the capture and recorder units with the
-    config now on disk and watch them come up."""
+    """The box's restart hook under systemd: ask the path unit to restart the capture and
+    recorder units with the config now on disk, and watch them come up."""
     def restart() -> str:
         try:
             cfg = cfg_loader()
@@ -93,9 +120,11 @@ def systemd_restart(cfg_loader: Callable[[], Config],
             return f"the config does not load: {err}"
         units = ["appliance-recorder.service",
                  *[f"appliance-capture@{c.name}.service" for c in cfg.capture]]
+        files = stage_status_files(cfg)
+        old_pids = status_pids(files)
         since = time.time()
         systemctl = shutil.which("systemctl") or "systemctl"
-        subprocess.run([systemctl, "restart", "--no-block", *units], check=False, timeout=60)
+        lifecycle.request(cfg.state_dir, "restart-stages", boot_id)
 
         def failed() -> str:
             run = subprocess.run([systemctl, "is-failed", *units], capture_output=True,
@@ -104,9 +133,59 @@ def systemd_restart(cfg_loader: Callable[[], Config],
                    if state == "failed"]
             return f"unit {', '.join(bad)} failed" if bad else ""
 
-        return watch_stages(stage_status_files(cfg), since, timeout_s, failed)
+        return watch_stages(files, since, timeout_s, failed, pulse, old_pids)
 
     return restart
+
+
+def supervisor_restart(cfg_loader: Callable[[], Config], boot_id: str,
+                       pulse: Callable[[], None] = _nothing,
+                       timeout_s: float = START_TIMEOUT_S) -> RestartHook:
+    """The box's restart hook under ``appliance run``: ask the supervisor to restart the capture
+    and recorder stages with the config now on disk, and read from ``supervisor.json`` whether
+    each was started again and came up (``READY=1``) or exited."""
+    def restart() -> str:
+        try:
+            cfg = cfg_loader()
+        except ApplianceError as err:
+            return f"the config does not load: {err}"
+        names = [*stage_status_files(cfg)]
+        since = time.time()
+        lifecycle.request(cfg.state_dir, "restart-stages", boot_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                children = json.loads((cfg.run_dir / "supervisor.json").read_text())["children"]
+            except (OSError, ValueError, KeyError, TypeError):
+                children = {}
+            late = []
+            for name in names:
+                child = children.get(name) if isinstance(children, dict) else None
+                if not isinstance(child, dict) or float(child.get("started_at") or 0) <= since:
+                    late.append(name)
+                    continue
+                code = child.get("exit_code")
+                if code is not None and code != 0:
+                    return f"stage {name} exited with code {code}: {_exit_reason(cfg, name)}"
+                if not child.get("ready") and code is None:
+                    late.append(name)
+            if not late:
+                return ""
+            if time.monotonic() > deadline:
+                return f"stage {', '.join(late)} did not start within {timeout_s:.0f} s"
+            pulse()
+            time.sleep(0.2)
+
+    return restart
+
+
+def _exit_reason(cfg: Config, name: str) -> str:
+    """The one-line error the stage stopped with (``appliance.stages.exit_recorded``)."""
+    try:
+        error = json.loads((cfg.run_dir / f"{name}.exit.json").read_text()).get("error")
+    except (OSError, ValueError, AttributeError):
+        error = None
+    return str(error) if error else "see its log"
 
 
 def _depth(obj: object, level: int = 0) -> int:

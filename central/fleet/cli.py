@@ -18,7 +18,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from central.fleet.link import broker_address, operator_tls
+from central.fleet.link import (
+    SERVE_CERT_S,
+    SERVICE_CN,
+    TOOL_CERT_S,
+    broker_address,
+    operator_cert,
+    operator_tls,
+)
 from central.fleet.registry import Fleet
 from central.fleet.store import FleetStore
 from central.home import Home
@@ -126,6 +133,10 @@ def _summary(dev: str, fleet: Fleet, store: FleetStore, now: float) -> dict[str,
         "state": status.get("state", "never seen"), "version": status.get("version"),
         "boot_id": status.get("boot_id"), "session": status.get("session"),
         "status_ts": status.get("received_at"),
+        "keepalive_s": status.get("keepalive_s"),
+        "last_seen_age_s": None if status.get("last_seen") is None
+        else round(now - status["last_seen"], 1),
+        "offline_at": status.get("offline_at"), "offline_reason": status.get("offline_reason"),
         "config_version": status.get("config_version"),
         "desired_version": conf.get("desired_version"),
         "reported": reported,
@@ -206,8 +217,11 @@ def _serve(fleet: Fleet, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with _store(fleet.home) as store, operator_tls(fleet, "fleet") as tls:
-        FleetService(store, address, tls).run(stop)
+    # One fleet service per central: a fixed name, so its broker session (and the box events
+    # queued in it while the service was down) outlives a restart of the service.
+    with _store(fleet.home) as store, \
+            operator_cert(fleet, "fleet", SERVE_CERT_S, cn=SERVICE_CN) as cert:
+        FleetService(store, address, cert.context, cert=cert).run(stop)
     return 0
 
 
@@ -218,7 +232,8 @@ def _ls(fleet: Fleet, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    table = [[r["device"], r["site"] or "-", "REVOKED" if r["revoked"] else r["state"],
+    table = [[r["device"], r["site"] or "-", "REVOKED" if r["revoked"] else
+              f"{r['state']} ({r['offline_reason']})" if r["offline_reason"] else r["state"],
               r["version"] or "-", f"{r['config_version'] or 0}/{r['desired_version'] or 0}",
               _age(now - r["telemetry_age_s"], now) if r["telemetry_age_s"] is not None else "-",
               str(r["lines"]), r["link"] or "-", str(r["backlog_segments"] or 0),
@@ -245,6 +260,10 @@ def _show(fleet: Fleet, args: argparse.Namespace) -> int:
     print(f"device {dev}  site {s['site'] or '-'}  tags {','.join(s['tags']) or '-'}")
     print(f"  state {s['state']}  version {s['version']}  boot {s['boot_id']}  session "
           f"{s['session']}  config {s['config_version']} (desired {s['desired_version']})")
+    if s["offline_reason"]:
+        why = "its last will" if s["offline_reason"] == "will" else \
+            f"silence (nothing for half its {s['keepalive_s']} s keep-alive)"
+        print(f"  offline since {_iso(s['offline_at'])} by {why}")
     tel = out["telemetry"] or {}
     print(f"  telemetry {_age(tel.get('received_at'), now)} ago  uptime {tel.get('uptime_s')} s  "
           f"link {tel.get('link')}  temperature {tel.get('temperature_c')}")
@@ -293,6 +312,8 @@ def _set_key(doc: dict[str, Any], dotted: str, value: Any) -> None:
 def _config(fleet: Fleet, args: argparse.Namespace) -> int:
     from central.fleet.commands import publish_desired
 
+    if not 0.1 <= args.timeout <= 3600:
+        raise UsageError(f"--timeout {args.timeout} is out of range (0.1..3600 s)")
     with _store(fleet.home) as store:
         targets = _targets(fleet, store, args.target)
         if not targets:
@@ -310,7 +331,7 @@ def _config(fleet: Fleet, args: argparse.Namespace) -> int:
                     _set_key(overrides, key.strip(), None)
                 version = store.set_desired(dev, overrides)
                 pushed[dev] = DesiredConfig(version=version, overrides=overrides, ts=time.time())
-            with operator_tls(fleet, "cli") as tls:
+            with operator_tls(fleet, "cli", args.timeout + TOOL_CERT_S) as tls:
                 reports = publish_desired(broker_address(fleet, args.broker), tls, pushed,
                                           wait_s=args.timeout)
             for dev, rep in reports.items():
@@ -350,7 +371,7 @@ def _cmd(fleet: Fleet, args: argparse.Namespace) -> int:
         targets = _targets(fleet, store, args.target)
         if not targets:
             raise UsageError(f"target {args.target!r} names no box")
-        with operator_tls(fleet, "cli") as tls:
+        with operator_tls(fleet, "cli", args.timeout + TOOL_CERT_S) as tls:
             answers = send_commands(broker_address(fleet, args.broker), tls, fleet.command_key(),
                                     store, targets, args.name, cmd_args, timeout_s=args.timeout)
     silent = [d for d, r in answers.items() if r is None]

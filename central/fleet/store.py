@@ -8,6 +8,14 @@ Birth and death follow Sparkplug: an ``offline`` status is recorded only when it
 session match the last ``online`` one, so a late last will from an earlier connection (or an
 earlier boot) never marks a box that is back online as offline.
 
+Liveness: a box whose birth declares its keep-alive K (``keepalive_s``) sends a message at
+least every K/4; :meth:`FleetStore.mark_silent` (the fleet service's sweep) records it offline,
+reason ``silent``, once nothing arrived from it for K/2, so a box that falls silent without
+closing its connection shows offline within its keep-alive, before the broker's will (1.5 K).
+Any later message of the same connection brings it back online; the will of that connection,
+when it comes, keeps the time the box was first recorded offline. A box that disconnects is
+recorded offline by its last will (reason ``will``) the moment the broker publishes it.
+
 Bounded against a misbehaving box: each message is at most 64 KiB (checked before it gets here),
 and at most :data:`MAX_EVENTS_PER_BOX` events and :data:`MAX_RESULTS_PER_BOX` results are kept per
 box (oldest dropped), so no box can fill central's disk.
@@ -22,14 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from linerec_contract.errors import StateDirError
+from linerec_contract.fleet_protocol import SILENCE_FRACTION
 
 MAX_EVENTS_PER_BOX = 1000
 MAX_RESULTS_PER_BOX = 200
+LIVENESS_COLUMNS = (("keepalive_s", "INTEGER"), ("last_seen", "REAL"), ("offline_at", "REAL"),
+                    ("offline_reason", "TEXT"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS status (
     device TEXT PRIMARY KEY, state TEXT NOT NULL, version TEXT, boot_id TEXT, session INTEGER,
-    config_version INTEGER, ts REAL, received_at REAL NOT NULL, online_since REAL);
+    config_version INTEGER, ts REAL, received_at REAL NOT NULL, online_since REAL,
+    keepalive_s INTEGER, last_seen REAL, offline_at REAL, offline_reason TEXT);
 CREATE TABLE IF NOT EXISTS telemetry (
     device TEXT PRIMARY KEY, payload TEXT NOT NULL, ts REAL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -61,6 +73,10 @@ class FleetStore:
             # per message. Enrolment, keys and the CRL are files, fsynced (registry.py).
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(status)")}
+            for column, kind in LIVENESS_COLUMNS:  # a store made before liveness existed
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE status ADD COLUMN {column} {kind}")
         except (OSError, sqlite3.Error) as err:
             raise StateDirError(f"fleet store {path} cannot be opened: {err}") from err
         self.db.row_factory = sqlite3.Row
@@ -81,18 +97,59 @@ class FleetStore:
         now = time.time()
         row = self.db.execute("SELECT * FROM status WHERE device = ?", (dev,)).fetchone()
         state = status["state"]
-        if state == "offline" and row is not None and row["state"] == "online" and (
-                row["boot_id"] != status["boot_id"] or row["session"] != status["session"]):
+        same = row is not None and row["boot_id"] == status["boot_id"] and \
+            row["session"] == status["session"]
+        if state == "offline" and row is not None and row["state"] == "online" and not same:
             return False
         online_since = now if state == "online" else None
-        if state == "online" and row is not None and row["state"] == "online" and \
-                row["boot_id"] == status["boot_id"] and row["session"] == status["session"]:
+        if state == "online" and row is not None and row["state"] == "online" and same:
             online_since = row["online_since"]
+        offline_at, reason = (None, None) if state == "online" else (now, "will")
+        if state == "offline" and row is not None and row["state"] == "offline" and same and \
+                row["offline_at"] is not None:
+            offline_at = row["offline_at"]  # silent first: the box was offline since then
+        keepalive = status.get("keepalive_s") or (row["keepalive_s"] if same and row else None)
         self.db.execute(
-            "INSERT OR REPLACE INTO status VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO status (device, state, version, boot_id, session, "
+            "config_version, ts, received_at, online_since, keepalive_s, last_seen, offline_at, "
+            "offline_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (dev, state, status.get("version"), status.get("boot_id"), status.get("session"),
-             status.get("config_version"), status.get("ts"), now, online_since))
+             status.get("config_version"), status.get("ts"), now, online_since, keepalive,
+             now if state == "online" else (row["last_seen"] if row else None), offline_at,
+             reason))
         return True
+
+    def touch(self, dev: str, now: float | None = None) -> bool:
+        """A message from ``dev`` arrived: it is alive. True when this brought back a box that
+        was recorded offline for silence (same connection: its will has not come)."""
+        now = time.time() if now is None else now
+        cur = self.db.execute(
+            "UPDATE status SET state = 'online', offline_at = NULL, offline_reason = NULL, "
+            "last_seen = ? WHERE device = ? AND state = 'offline' AND offline_reason = 'silent'",
+            (now, dev))
+        if cur.rowcount:
+            return True
+        self.db.execute("UPDATE status SET last_seen = ? WHERE device = ? AND state = 'online'",
+                        (now, dev))
+        return False
+
+    def mark_silent(self, now: float | None = None, since: float = 0.0) -> list[str]:
+        """Record offline (reason ``silent``) every online box that declared a keep-alive and
+        sent nothing for :data:`SILENCE_FRACTION` of it; return their device ids. ``since``:
+        when central's own subscription began (silence is counted from then at the earliest,
+        so central's own outage never shows the fleet offline)."""
+        now = time.time() if now is None else now
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            rows = self.db.execute(
+                "SELECT device FROM status WHERE state = 'online' AND keepalive_s > 0 AND "
+                "MAX(COALESCE(last_seen, 0), ?) < ? - keepalive_s * ?",
+                (since, now, SILENCE_FRACTION)).fetchall()
+            devices = [r[0] for r in rows]
+            self.db.executemany(
+                "UPDATE status SET state = 'offline', offline_at = ?, offline_reason = 'silent' "
+                "WHERE device = ?", [(now, d) for d in devices])
+        return devices
 
     def record_telemetry(self, dev: str, telemetry: dict[str, Any]) -> None:
         self.db.execute("INSERT OR REPLACE INTO telemetry VALUES (?, ?, ?, ?)",

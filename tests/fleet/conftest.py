@@ -39,13 +39,14 @@ class Box:
         assert not self.thread.is_alive()
 
 
-def box_config(root: Path, dev: str, extra: str = "") -> tuple[Config, Path]:
+def box_config(root: Path, dev: str, extra: str = "",
+               telemetry_interval_s: float = 1.0) -> tuple[Config, Path]:
     from appliance.config import load_config
 
     path = root / dev / "appliance.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[device]\nid = "{dev}"\n[paths]\nstate_dir = "{root / dev / "state"}"\n'
-                    f'[fleet]\ntelemetry_interval_s = 1.0\n{extra}')
+                    f'[fleet]\ntelemetry_interval_s = {telemetry_interval_s}\n{extra}')
     return load_config(path), path
 
 
@@ -84,8 +85,9 @@ def broker(tmp_path: Path, fleet: Fleet) -> Iterator[Broker]:
 def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable[..., Box]]:
     made: list[Box] = []
 
-    def make(dev: str = "box-a", *, extra: str = "", restart: Any = None, **kw: Any) -> Box:
-        cfg, path = box_config(tmp_path / "boxes", dev, extra)
+    def make(dev: str = "box-a", *, extra: str = "", restart: Any = None, keepalive_s: int = 30,
+             telemetry_interval_s: float = 1.0, **kw: Any) -> Box:
+        cfg, path = box_config(tmp_path / "boxes", dev, extra, telemetry_interval_s)
         enrol(fleet, cfg, broker.port, tmp_path, **kw)
         ca, cert, key = cfg.tls_paths()
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,7 @@ def start_box(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable
             agent.config.restart = restart
         uplink = Uplink(device_id=dev, outbox=Outbox(cfg.outbox_dir), host=broker.host,
                         port=broker.port, ca=ca, cert=cert, key=key, agent=agent,
-                        reconnect_min_s=0.05, reconnect_max_s=0.5,
+                        reconnect_min_s=0.05, reconnect_max_s=0.5, keepalive_s=keepalive_s,
                         status_path=cfg.run_dir / "uplink.json")
         stop = threading.Event()
         thread = threading.Thread(target=uplink.run, args=(stop,), daemon=True)

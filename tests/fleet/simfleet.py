@@ -3,8 +3,10 @@
 Usage: python simfleet.py JOB.json — JOB lists the boxes (device id, certificate, key), the CA,
 the broker, the keep-alive and the telemetry interval. Each box connects with its own client
 certificate (the broker makes its CN the client id), registers the retained offline will of the
-real uplink (boot id, session), publishes the retained online status, then telemetry shaped like
-the real agent's every interval. Runs until killed; prints "connected N" once all are online.
+real uplink (boot id, session, keep-alive), publishes the retained online status, then telemetry
+shaped like the real agent's every interval and, as the real agent does, a heartbeat whenever
+nothing else went out for a quarter of the keep-alive. Runs until killed; prints "connected N"
+once all are online.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def main() -> None:
 
     def status(dev: str, state: str) -> bytes:
         return json.dumps({"v": 1, "state": state, "version": "0.1.0", "boot_id": boot,
-                           "session": 1, "ts": time.time(), "config_version": 0}).encode()
+                           "session": 1, "ts": time.time(), "config_version": 0,
+                           "keepalive_s": job["keepalive"]}).encode()
 
     def on_connect(client: mqtt.Client, dev: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
@@ -57,6 +60,8 @@ def main() -> None:
         c.loop_start()
         clients[dev] = c
     announced = False
+    beat_s = job["keepalive"] / 4  # linerec_contract.fleet_protocol.HEARTBEAT_FRACTION
+    next_telemetry: dict[str, float] = {}
     while True:
         start = time.monotonic()
         with lock:
@@ -65,6 +70,11 @@ def main() -> None:
             print(f"connected {len(online)}", flush=True)
             announced = True
         for dev in online:
+            if start < next_telemetry.get(dev, 0.0):
+                beat = {"v": 1, "ts": time.time(), "boot_id": boot}
+                clients[dev].publish(f"rec/v1/{dev}/heartbeat", json.dumps(beat).encode(), qos=0)
+                continue
+            next_telemetry[dev] = start + job["interval"] - beat_s / 2
             telemetry = {"v": 1, "ts": time.time(), "device": dev, "version": "0.1.0",
                          "boot_id": boot, "config_version": 0, "uptime_s": 1.0,
                          "lines": [{"line": f"L{i}", "state": "idle", "level_db": -70.0,
@@ -74,7 +84,7 @@ def main() -> None:
                          "link": "ready", "disk": {}, "temperature_c": None, "alarms": [],
                          "last_selftest": None}
             clients[dev].publish(f"rec/v1/{dev}/telemetry", json.dumps(telemetry).encode(), qos=0)
-        time.sleep(max(0.1, job["interval"] - (time.monotonic() - start)))
+        time.sleep(max(0.05, beat_s - (time.monotonic() - start)))
 
 
 if __name__ == "__main__":

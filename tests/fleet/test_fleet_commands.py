@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -161,7 +164,7 @@ def test_cli_cmd_ping_and_the_commands(central: Callable[..., tuple[int, str, st
     assert code == 0
 
     code, out, err = central("cmd", "box-a", "restart")
-    assert code == 1 and "needs systemd" in out  # never restarts the test machine's services
+    assert code == 1 and "nothing supervises" in out  # no request without a supervisor
 
     code, out, err = central("cmd", "box-a", "rotate-keys", "--json")
     assert code == 0, out
@@ -209,27 +212,98 @@ def test_cmd_names_the_boxes_that_did_not_answer(central: Callable[..., tuple[in
     assert make_request_document  # the silent box really has keys and a certificate
 
 
-def test_restart_and_reboot_go_through_systemd(central: Callable[..., tuple[int, str, str]],
-                                               box: Box, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """systemd cannot run here: a stand-in ``systemctl`` on PATH records what the box asks of
-    its supervisor (a real one would restart the units or reboot the machine)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+UNITS = Path(__file__).resolve().parents[2] / "os-image" / "systemd"
+SHIPPED_REQUESTS = "/var/lib/appliance/fleet/requests"
+
+
+def run_unit(unit: str, requests: Path, systemctl: Path) -> None:
+    """Run a shipped unit's ExecStartPre/ExecStart commands as systemd would (``$$`` is ``$``),
+    against ``requests`` instead of the box's folder and with ``systemctl`` standing in."""
+    for line in (UNITS / unit).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("ExecStartPre", "ExecStart"):
+            value = value.replace("$$", "$").replace(SHIPPED_REQUESTS, str(requests))
+            argv = [str(systemctl) if a == "/bin/systemctl" else a for a in shlex.split(value)]
+            if argv[0] == "/bin/sh":
+                argv[2] = argv[2].replace("/bin/systemctl", str(systemctl))
+            subprocess.run(argv, check=True, timeout=30)
+
+
+def test_restart_and_reboot_under_systemd_are_requests_the_path_units_act_on(
+        central: Callable[..., tuple[int, str, str]], start_box: Callable[..., Box],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd cannot run here. The box's agent runs as under systemd (INVOCATION_ID set, as
+    systemd sets it for its units) and writes its requests; then the shipped root units' own
+    commands run against that folder, a stand-in ``systemctl`` recording what they would ask
+    of systemd (a real one restarts appliance.target or reboots the machine)."""
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    box = start_box("box-a")
+    _wait(lambda: box.uplink._link == "ready", "box online")
+    requests = box.cfg.state_dir / "fleet" / "requests"
     calls = tmp_path / "systemctl.calls"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")  # as systemd sets for its units
-    code, out, err = central("cmd", "box-a", "restart", "--json")
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    systemctl.chmod(0o755)
+
+    def called() -> list[str]:
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    code, out, _ = central("cmd", "box-a", "restart", "--json")
     assert code == 0, out
-    assert json.loads(out)["box-a"]["data"]["scheduled"].endswith("restart appliance.target")
-    code, out, err = central("cmd", "box-a", "reboot")
+    data = json.loads(out)["box-a"]["data"]
+    assert data["requested"] == "restart" and "appliance-restart.path" in data["by"]
+    _wait(lambda: (requests / "restart").exists(), "the restart request")
+    assert (requests / "restart").read_text() == boot_id() + "\n"
+    run_unit("appliance-restart.service", requests, systemctl)
+    assert called() == ["--no-block restart appliance.target"]
+    assert not (requests / "restart").exists()  # acted on once
+
+    code, out, _ = central("cmd", "box-a", "reboot")
     assert code == 0, out
-    _wait(lambda: calls.exists() and len(calls.read_text().splitlines()) == 2, "both calls")
-    assert calls.read_text().splitlines() == ["--no-block restart appliance.target",
-                                              "--no-block reboot"]
+    _wait(lambda: (requests / "reboot").exists(), "the reboot request")
+    run_unit("appliance-reboot.service", requests, systemctl)
+    assert called()[1:] == ["--no-block reboot"]
+    assert not (requests / "reboot").exists()
+
+    # A request of an earlier boot (left by a power cut): removed, never reboots again.
+    (requests / "reboot").write_text("0f0f0f0f-earlier-boot\n")
+    run_unit("appliance-reboot.service", requests, systemctl)
+    assert len(called()) == 2 and not (requests / "reboot").exists()
+    # A symlink planted in the folder is removed without following it.
+    target = tmp_path / "elsewhere"
+    target.write_text(boot_id() + "\n")
+    (requests / "reboot").symlink_to(target)
+    run_unit("appliance-reboot.service", requests, systemctl)
+    assert len(called()) == 2 and not (requests / "reboot").is_symlink() and target.exists()
+
+    # A pushed config asks for the capture and recorder units only.
+    (requests / "restart-stages").write_text(boot_id() + "\n")
+    run_unit("appliance-restart-stages.service", requests, systemctl)
+    assert called()[2:] == ["--no-block restart appliance-recorder.service "
+                            "appliance-capture@*.service"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_the_request_units_verify(tmp_path: Path) -> None:
+    names = [f"appliance-{a}.{k}" for a in ("restart", "restart-stages", "reboot")
+             for k in ("path", "service")]
+    for name in names:
+        shutil.copy(UNITS / name, tmp_path / name)
+    run = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                          *[str(tmp_path / n) for n in names]],
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode == 0 and not run.stderr.strip(), run.stderr
+
+
+def test_restart_and_reboot_without_a_supervisor_say_so(
+        central: Callable[..., tuple[int, str, str]], box: Box) -> None:
+    for name in ("restart", "reboot"):
+        code, out, _ = central("cmd", "box-a", name, "--json")
+        assert code == 1
+        res = json.loads(out)["box-a"]
+        assert (res["result"], res["code"]) == ("failed", "not-available"), res
+        assert "nothing supervises" in res["reason"]
+    assert not (box.cfg.state_dir / "fleet" / "requests").exists()
 
 
 def test_fleet_bad_usage_is_one_line_exit_2(central: Callable[..., tuple[int, str, str]],

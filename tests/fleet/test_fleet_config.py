@@ -40,6 +40,8 @@ class CaptureSupervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self) -> str:
         self._stop()
@@ -136,3 +138,21 @@ def test_config_push_applied_refused_and_rolled_back(
     assert load_config(sup.config).capture[0].source == "simulator"
     assert sup.proc is not None and sup.proc.poll() is None  # the old config runs again
     assert box.agent.config_version() == 1
+
+
+def test_a_stopping_stage_last_status_is_not_taken_for_the_new_one(tmp_path: Path) -> None:
+    """A stage being stopped for a restart writes a last status after the request: only a status
+    from another process than before the restart says the stage came back."""
+    from linerec_contract.durable import write_status
+
+    status = tmp_path / "recorder.json"
+    files = {"recorder": status}
+    write_status(status, {"ts": time.time(), "pid": 4242})
+    old = {"recorder": 4242}
+    since = time.time()
+    time.sleep(0.01)
+    write_status(status, {"ts": time.time(), "pid": 4242})  # the old one, stopping
+    assert watch_stages(files, since, 0.3, lambda: "", old_pids=old) == \
+        "stage recorder did not start within 0 s"
+    write_status(status, {"ts": time.time(), "pid": 4343})  # the new one
+    assert watch_stages(files, since, 0.3, lambda: "", old_pids=old) == ""

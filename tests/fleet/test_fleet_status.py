@@ -159,3 +159,52 @@ def test_a_flooding_box_is_rate_limited_and_others_still_recorded(service: Fleet
     service.handle("rec/v1/box-b/telemetry",
                    json.dumps({**telemetry, "device": "box-b"}).encode())
     assert service.store.telemetry("box-b") is not None  # another box is not slowed
+
+
+def test_an_alarm_raised_and_cleared_while_offline_still_reaches_central(
+        service: FleetService, start_box: Callable[..., Box], broker: Broker) -> None:
+    """The broker goes away (the box is offline), a line alarm comes and goes, the broker comes
+    back: central records both events, in order, with the times the box saw them."""
+    box = start_box("box-a")
+    recorder = box.cfg.run_dir / "recorder.json"
+    alarm = {"kind": "line-silent", "line": "L1", "ts": time.time()}
+    pending = box.cfg.state_dir / "fleet" / "events-pending.json"
+
+    def recorder_status(alarms: list[dict[str, object]]) -> None:
+        write_status(recorder, {"ts": time.time(), "lines": [
+            {"line": "L1", "in_call": False, "level_db": -70.0, "noise_floor_db": -72.0}],
+            "alarms": alarms})
+
+    def queued() -> list[str]:
+        try:
+            return [e["kind"] for e in json.loads(pending.read_text())["events"]
+                    if e.get("alarm") == "line-silent" and e.get("line") == "L1"]
+        except (OSError, ValueError):
+            return []
+
+    locks.acquire(box.cfg.state_dir, "recorder", "recorder")
+    try:
+        recorder_status([])
+        _wait(lambda: any(ln.get("line") == "L1" for ln in
+                          (service.store.telemetry("box-a") or {}).get("lines", [])),
+              "line L1 in telemetry")
+        broker.stop()
+        _wait(lambda: box.uplink._link != "ready", "the box offline")
+        t_offline = time.time()
+        recorder_status([alarm])
+        _wait(lambda: queued() == ["alarm-raised"], "the raised alarm queued while offline")
+        recorder_status([])
+        _wait(lambda: queued() == ["alarm-raised", "alarm-cleared"], "the clear queued")
+        t_back = time.time()
+        assert box.uplink._link != "ready"  # it all happened while offline
+        broker.start()
+        _wait(lambda: [e["kind"] for e in service.store.events("box-a")
+                       if e.get("alarm") == "line-silent"] == ["alarm-raised", "alarm-cleared"],
+              "both events at central")
+        _wait(lambda: not pending.exists() or json.loads(pending.read_text())["events"] == [],
+              "the queue emptied once acknowledged")
+    finally:
+        locks.release("recorder")
+    raised, cleared = [e for e in service.store.events("box-a") if e.get("alarm") == "line-silent"]
+    assert t_offline <= raised["ts"] <= cleared["ts"] <= t_back
+    assert raised["line"] == cleared["line"] == "L1"
