@@ -42,16 +42,17 @@ def levels(twist_db: float, weaker_dbfs: float) -> tuple[float, float]:
 
 
 def tone_pair(digit: str, twist_db: float, offset: float, weaker_dbfs: float, *,
-              tone_ms: int = 60, pad_ms: int = 100, seed: int = 0) -> np.ndarray:
-    """Silence, the digit (both tones ``offset`` off nominal), silence; int16 with -75 dBFS
-    noise."""
+              tone_ms: int = 60, pad_ms: int = 100, seed: int = 0, shift: int = 0,
+              phases: tuple[float, float] = (0.3, 1.1)) -> np.ndarray:
+    """Silence (``shift`` samples more before the tone), the digit (both tones ``offset`` off
+    nominal), silence; int16 with -75 dBFS noise."""
     low, high = KEYS[digit]
     lo_db, hi_db = levels(twist_db, weaker_dbfs)
     n = np.arange(tone_ms * RATE // 1000)
     tone = sum(math.sqrt(2.0) * 10 ** (db / 20) * np.sin(2 * np.pi * f * (1 + offset) * n / RATE + ph)
-               for f, db, ph in ((low, lo_db, 0.3), (high, hi_db, 1.1)))
+               for f, db, ph in ((low, lo_db, phases[0]), (high, hi_db, phases[1])))
     pad = np.zeros(RATE * pad_ms // 1000)
-    x = np.concatenate((pad, tone, pad))
+    x = np.concatenate((pad, np.zeros(shift), tone, pad))
     x = x + np.random.default_rng(seed).standard_normal(x.size) * 10 ** (-75 / 20)
     return np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16)
 
@@ -89,6 +90,20 @@ def test_accepted_at_the_twist_limits_and_1_5_percent(digit: str) -> None:
 def test_rejected_beyond_the_twist_limits(digit: str) -> None:
     for twist, offset in itertools.product(TWISTS_OUTSIDE, (-0.015, 0.0, 0.015)):
         assert digits_of(signal(digit, twist, offset)) == "", (twist, offset)
+
+
+@pytest.mark.parametrize("digit", list(KEYS))
+def test_twist_limits_hold_wherever_the_tone_falls_on_the_hop_grid(digit: str) -> None:
+    """The same limits with the tone starting anywhere within a hop and random phases."""
+    rng = np.random.default_rng(ord(digit))
+    weaker = CFG.min_level_dbfs + LEVEL_ABOVE_MIN_DB
+    for twist, offset, _ in itertools.product(TWISTS_INSIDE + TWISTS_OUTSIDE, (-0.015, 0.015),
+                                              range(3)):
+        shift = int(rng.integers(0, CFG.hop))
+        phases = (float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
+        x = tone_pair(digit, twist, offset, weaker, shift=shift, phases=phases, seed=shift)
+        expected = digit if twist in TWISTS_INSIDE else ""
+        assert digits_of(x) == expected, (twist, offset, shift, phases)
 
 
 @pytest.mark.parametrize("digit", list(KEYS))
