@@ -205,6 +205,9 @@ class RecorderSection(_LineSettings):
 class SealSection(_Section):
     codec: Literal["flac", "opus", "zstd-pcm"] = "flac"
     opus_bitrate: Annotated[int, Field(ge=6000, le=128000)] = 16000
+    opus_complexity: Annotated[int, Field(ge=0, le=10)] = Field(
+        default=5, description="libopus complexity: lower costs less CPU at some quality"
+    )
     recipients: list[Annotated[str, Field(pattern=r"^age1[0-9a-z]{58}$")]] = Field(
         default_factory=list, description="age X25519 recipients; empty = keys/recipients.txt"
     )

@@ -10,18 +10,22 @@ channel-seconds of audio per CPU-second of all stages together, next to two refe
 measured in the same run: the unpaced pipeline (``bench/pipeline.py``'s measure: a WAV file
 fed as fast as possible) and the FLAC encoder alone on the same audio.
 
-    python bench/realtime.py [--lines 16] [--seconds 30] [--warmup 10] [--codec flac] [--json]
+    python bench/realtime.py [--lines 16] [--seconds 30] [--warmup 10] [--codec flac]
+                             [--opus-complexity 5] [--json]
 
 Calls are cut into parts of ``--part-s`` seconds (default 30, a tenth of the product's
 ``max_segment_s``) so that every line seals one part inside a 30 s window: the sealing cost
 is counted at ten times the rate a box with default settings pays. The machine may be
 shared: ``loadavg`` before and after is printed, and FLAC alone, measured in the same run,
-shows how fast the machine was.
+shows how fast the machine was. With ``--codec opus`` the run also measures Opus alone on the
+same audio: through libopus at ``--opus-complexity`` (as the box seals it) and through
+libsndfile (complexity 10, the fallback where libopus cannot be loaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -41,6 +45,7 @@ from pipeline import flac_alone, run_pipeline  # noqa: E402
 
 from appliance.audio import dtmf  # noqa: E402
 from appliance.audio.simulator import LineSimulator  # noqa: E402
+from linerec_contract.codec import encode_audio  # noqa: E402
 from linerec_contract.identity import DeviceKey, generate_age_identity  # noqa: E402
 
 RATE = 8000
@@ -122,7 +127,7 @@ def sample(pids: dict[str, int]) -> dict[str, float]:
 
 
 def write_config(folder: Path, wav: Path, lines: int, seconds: float, codec: str,
-                 part_s: float, period_ms: int) -> Path:
+                 part_s: float, period_ms: int, opus_complexity: int = 5) -> Path:
     _, recipient = generate_age_identity()
     DeviceKey.load_or_create(folder / "state" / "keys" / "device.key")
     cfg = folder / "appliance.toml"
@@ -144,6 +149,7 @@ max_segment_s = {part_s}
 [seal]
 recipients = ["{recipient}"]
 codec = "{codec}"
+opus_complexity = {opus_complexity}
 [uplink]
 transport = "none"
 """)
@@ -151,13 +157,14 @@ transport = "none"
 
 
 def run_paced(audio: np.ndarray, warmup: float, seconds: float, codec: str,
-              part_s: float, period_ms: int = 0) -> dict[str, Any]:
+              part_s: float, period_ms: int = 0, opus_complexity: int = 5) -> dict[str, Any]:
     lines = audio.shape[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         wav = folder / "lines.wav"
         soundfile.write(wav, audio, RATE, subtype="PCM_16")
-        cfg = write_config(folder, wav, lines, audio.shape[0] / RATE, codec, part_s, period_ms)
+        cfg = write_config(folder, wav, lines, audio.shape[0] / RATE, codec, part_s, period_ms,
+                           opus_complexity)
         sup = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(cfg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -198,6 +205,20 @@ def run_paced(audio: np.ndarray, warmup: float, seconds: float, codec: str,
     }
 
 
+def opus_alone(audio: np.ndarray, complexity: int) -> tuple[float, float]:
+    """CPU seconds to encode every line as Opus at 16 kbit/s: (libopus at ``complexity``,
+    libsndfile)."""
+    start = time.process_time()
+    for ch in range(audio.shape[1]):
+        encode_audio(np.ascontiguousarray(audio[:, ch]), RATE, "opus", opus_complexity=complexity)
+    direct = time.process_time() - start
+    start = time.process_time()
+    for ch in range(audio.shape[1]):
+        with soundfile.SoundFile(io.BytesIO(), "w", RATE, 1, format="OGG", subtype="OPUS") as out:
+            out.write(np.ascontiguousarray(audio[:, ch]))
+    return direct, time.process_time() - start
+
+
 def loadavg() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -208,6 +229,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="measured window after warm-up")
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--codec", choices=("flac", "opus"), default="flac")
+    ap.add_argument("--opus-complexity", type=int, default=5, help="seal.opus_complexity")
     ap.add_argument("--part-s", type=float, default=30.0, help="recorder.max_segment_s")
     ap.add_argument("--period-ms", type=int, default=0,
                     help="capture.period_ms (default: the configuration's default)")
@@ -215,17 +237,21 @@ def main() -> int:
                     help="audio length of the unpaced pipeline reference")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not 1 <= args.lines <= 64 or args.seconds <= 0 or args.warmup < 2:
-        print("bench/realtime.py: --lines 1..64, --seconds > 0, --warmup >= 2", file=sys.stderr)
+    if not 1 <= args.lines <= 64 or args.seconds <= 0 or args.warmup < 2 or \
+            not 0 <= args.opus_complexity <= 10:
+        print("bench/realtime.py: --lines 1..64, --seconds > 0, --warmup >= 2, "
+              "--opus-complexity 0..10", file=sys.stderr)
         return 2
     length = args.warmup + args.seconds + 10.0
     load_before = loadavg()
     result: dict[str, Any] = {"lines": args.lines, "codec": args.codec, "part_s": args.part_s,
                               "warmup_s": args.warmup, "period_ms": args.period_ms or "default"}
+    if args.codec == "opus":
+        result["opus_complexity"] = args.opus_complexity
     for mode, render in (("idle", idle_lines), ("busy", busy_lines)):
         audio = render(args.lines, length)
         result[mode] = run_paced(audio, args.warmup, args.seconds, args.codec, args.part_s,
-                                 args.period_ms)
+                                 args.period_ms, args.opus_complexity)
     # References in the same run: the unpaced pipeline and FLAC alone on simulator lines.
     sim = LineSimulator(args.lines, RATE, seed=3, mean_idle_s=6.0, mean_call_s=30.0)
     ref_audio = sim.render(0, int(args.unpaced_seconds * RATE))
@@ -237,6 +263,10 @@ def main() -> int:
     flac_cpu = flac_alone(ref_audio)
     result["unpaced_pipeline_channel_s_per_cpu_s"] = round(ref_cs / cpu, 1)
     result["flac_alone_channel_s_per_cpu_s"] = round(ref_cs / max(flac_cpu, 1e-9), 1)
+    if args.codec == "opus":
+        direct, libsndfile = opus_alone(ref_audio, args.opus_complexity)
+        result["opus_alone_channel_s_per_cpu_s"] = round(ref_cs / max(direct, 1e-9), 1)
+        result["opus_libsndfile_alone_channel_s_per_cpu_s"] = round(ref_cs / max(libsndfile, 1e-9), 1)
     result["loadavg_before_after"] = [load_before, loadavg()]
     result["cpus"] = os.cpu_count()
     if args.json:
@@ -250,6 +280,10 @@ def main() -> int:
               f"({r['pct_of_one_core']} % of one core; CPU s over {r['wall_s']} s: {stages})")
     print(f"  unpaced pipeline   {result['unpaced_pipeline_channel_s_per_cpu_s']} channel-s per CPU-s")
     print(f"  FLAC alone         {result['flac_alone_channel_s_per_cpu_s']} channel-s per CPU-s")
+    if args.codec == "opus":
+        print(f"  Opus alone         {result['opus_alone_channel_s_per_cpu_s']} channel-s per CPU-s "
+              f"(complexity {args.opus_complexity}); through libsndfile "
+              f"{result['opus_libsndfile_alone_channel_s_per_cpu_s']}")
     print(f"  loadavg before/after {result['loadavg_before_after']} on {result['cpus']} CPUs")
     return 0
 

@@ -2,7 +2,9 @@
 
 - ``flac``: a FLAC file, 16-bit, lossless (``flac -t``, ``sox``).
 - ``opus``: an Ogg Opus file at a target bitrate, lossy (``opusinfo``, ``opusdec``).
-  Opus accepts 8, 12, 16, 24 and 48 kHz input.
+  Opus accepts 8, 12, 16, 24 and 48 kHz input. Written through libopus directly at the
+  given complexity (``linerec_contract.oggopus``); where libopus cannot be loaded, through
+  libsndfile (complexity 10: the same format at several times the CPU), with a warning.
 - ``zstd-pcm``: a zstd skippable frame carrying the format (``RPCM``, rate, channels, bits),
   then one zstd frame of raw little-endian signed 16-bit PCM. ``zstd -d`` skips the first frame
   and writes exactly the PCM bytes.
@@ -10,19 +12,23 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import struct
 
 import numpy as np
 import soundfile as sf
 import zstandard
 
+from linerec_contract import oggopus
 from linerec_contract.errors import FormatError
 
 CODECS = ("flac", "opus", "zstd-pcm")
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_MIN_BITRATE = 6000
 OPUS_MAX_BITRATE = 256000
+OPUS_COMPLEXITY = 5
 MAX_RATE = 192000
 ZSTD_LEVEL = 3
 # Skippable frame: magic 0x184D2A50, u32 LE length, then "RPCM", u32 rate, u16 channels, u16 bits.
@@ -59,7 +65,8 @@ def _opus_level(bitrate: int) -> float:
     return 1.0 - (bitrate - OPUS_MIN_BITRATE + 0.5) / (OPUS_MAX_BITRATE - OPUS_MIN_BITRATE)
 
 
-def encode_audio(pcm: np.ndarray, rate: int, codec: str, *, opus_bitrate: int = 16000) -> bytes:
+def encode_audio(pcm: np.ndarray, rate: int, codec: str, *, opus_bitrate: int = 16000,
+                 opus_complexity: int = OPUS_COMPLEXITY) -> bytes:
     """Encode 1-D int16 mono ``pcm`` at ``rate`` Hz into the file format of ``codec``."""
     check_pcm(pcm, rate, codec)
     if codec == "zstd-pcm":
@@ -76,12 +83,23 @@ def encode_audio(pcm: np.ndarray, rate: int, codec: str, *, opus_bitrate: int = 
             f"opus bitrate {opus_bitrate} is out of range; accepted "
             f"{OPUS_MIN_BITRATE}..{OPUS_MAX_BITRATE} bit/s"
         )
+    if oggopus.available():
+        return oggopus.encode(pcm, rate, opus_bitrate, opus_complexity)
+    _warn_no_libopus()
     with sf.SoundFile(
         buf, "w", rate, 1, format="OGG", subtype="OPUS",
         compression_level=_opus_level(opus_bitrate),
     ) as out:
         out.write(pcm)
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_libopus() -> None:
+    logging.getLogger(__name__).warning(
+        "libopus.so.0 cannot be loaded (Debian package libopus0): opus is encoded through "
+        "libsndfile at complexity 10, several times the CPU of seal.opus_complexity"
+    )
 
 
 def _decode_zstd_pcm(data: bytes) -> tuple[np.ndarray, int]:

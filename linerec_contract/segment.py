@@ -24,7 +24,7 @@ import numpy as np
 import pyrage
 
 from linerec_contract.canonical import canonical_json, parse_canonical
-from linerec_contract.codec import check_pcm, encode_audio
+from linerec_contract.codec import OPUS_COMPLEXITY, check_pcm, encode_audio
 from linerec_contract.errors import FormatError
 from linerec_contract.identity import DeviceKey, parse_recipient, recipient_key_id
 from linerec_contract.manifest import (
@@ -173,6 +173,7 @@ def seal_segment(
     key: DeviceKey,
     codec: str = "flac",
     opus_bitrate: int = 16000,
+    opus_complexity: int = OPUS_COMPLEXITY,
     next_key: DeviceKey | None = None,
     created_wall_ns: int | None = None,
 ) -> SealedSegment:
@@ -190,7 +191,8 @@ def seal_segment(
             raise FormatError(f"segment gaps[{index}] {problem}")
     _check_no_leak(inp)
 
-    audio = encode_audio(inp.pcm, inp.rate, codec, opus_bitrate=opus_bitrate)
+    audio = encode_audio(inp.pcm, inp.rate, codec, opus_bitrate=opus_bitrate,
+                         opus_complexity=opus_complexity)
     payload = pyrage.encrypt(audio, parsed)
     frames = int(inp.pcm.size)
     manifest: dict[str, Any] = {

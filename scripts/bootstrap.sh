@@ -8,7 +8,7 @@ APT_PACKAGES=(
   python3-venv python3-dev gcc libc6-dev make
   libasound2 libasound2-dev alsa-utils libportaudio2
   mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev
-  age flac sox libsox-fmt-all opus-tools zstd openssl
+  age flac sox libsox-fmt-all opus-tools libopus0 zstd openssl
   tmux postgresql-15 nginx
   chromium chromium-driver
 )

@@ -719,7 +719,7 @@ class Recorder:
                 device_id=self.cfg.device.id, seq=self.next_seq,
                 prev_manifest_sha256=self.prev_hash, recipients=self.recipients, key=signing,
                 codec=self.cfg.seal.codec, opus_bitrate=self.cfg.seal.opus_bitrate,
-                next_key=next_key,
+                opus_complexity=self.cfg.seal.opus_complexity, next_key=next_key,
             )
             if next_key is not None:
                 # The old key signs the announcement of the new one: the chain stays verifiable.

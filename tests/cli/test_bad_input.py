@@ -49,6 +49,7 @@ def test_unknown_key(tmp_path: Path) -> None:
         ("[ring]\nsync_interval_ms = 1\n", "ring.sync_interval_ms", "greater than or equal to 10"),
         ("[[capture]]\nstorage_rate = 11025\n", "capture.0.storage_rate", "8000"),
         ("[seal]\ncodec = \"mp3\"\n", "seal.codec", "'flac'"),
+        ("[seal]\nopus_complexity = 11\n", "seal.opus_complexity", "less than or equal to 10"),
         ("[device]\nid = \"has space\"\n", "device.id", "pattern"),
     ],
 )

@@ -219,3 +219,35 @@ def test_stop_new_calls_records_no_new_call_and_says_so(tmp_path: Path) -> None:
     announced = [g for s in segs for g in s.manifest["gaps"]
                  if g["reason"].startswith("call not recorded")]
     assert len(announced) + len(recorder.unrecorded) >= len(refused)
+
+
+def test_opus_parts_through_the_service(tmp_path: Path) -> None:
+    """seal.codec = "opus" at a set complexity: every part decodes (as central would) to exactly
+    its frames, and its loudness follows the line's audio 20 ms by 20 ms."""
+    identity, recipient = generate_age_identity()
+    text = config_text(tmp_path, recipient).replace(
+        "[seal]\n", '[seal]\ncodec = "opus"\nopus_complexity = 2\n')
+    cfg = parse_config(text)
+    assert cfg.seal.opus_complexity == 2
+    key = DeviceKey.load_or_create(cfg.keys_dir / "device.key")
+    sim = LineSimulator(2, RATE, seed=4, mean_idle_s=6.0, mean_call_s=20.0, max_call_s=30.0)
+    write_ring(cfg, sim.render, sim.lines, 90.0)
+    drain(Recorder(cfg, recipients=[recipient], key=key))
+    segs = outbox_segments(cfg)
+    assert segs and audit_chain(segs, {s.device_id: DeviceTrust.of_keys(
+        s.device_id, [key.public_b64]) for s in segs}) == []
+
+    def levels(x: np.ndarray) -> np.ndarray:
+        f = x[: x.size // 160 * 160].astype(float).reshape(-1, 160)
+        return np.asarray(10 * np.log10(np.mean(f**2, axis=1) + 1.0))
+
+    for s in segs:
+        assert s.manifest["codec"] == "opus"
+        audio, rate = open_segment_audio(s, identity)
+        assert rate == RATE and audio.size == s.manifest["frames"]
+        line = int(s.manifest["line"][1:]) - 1
+        want = levels(sim.render(s.manifest["start_frame"], s.manifest["frames"])[:, line])
+        got = levels(audio)
+        sound = want > 40.0
+        assert sound.sum() > 10
+        assert np.corrcoef(want[sound], got[sound])[0, 1] > 0.95
