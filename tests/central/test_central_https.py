@@ -112,6 +112,8 @@ def intake(home: Home, pki: Pki) -> Iterator[Intake]:
         proc.terminate()
         proc.wait(30)
         drain.join(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def test_common_name_from_dn_takes_exactly_one_plain_device_id() -> None:
