@@ -41,6 +41,11 @@ BOOT_TIMEOUT_S = 900.0  # TCG on a busy machine boots in minutes
 KVM_PROBE_S = 60.0
 
 
+# The console shell: no echo, no kernel messages, no pager (journalctl and systemctl would wait).
+SHELL_SETUP = ("stty -echo; dmesg -n 1; export SYSTEMD_PAGER= PAGER=cat SYSTEMD_COLORS=0 TERM=dumb "
+               "SYSTEMD_LESS=\n")
+
+
 class CheckFailed(Exception):
     pass
 
@@ -247,7 +252,7 @@ class VM:
         t0 = time.monotonic()
         self.console.wait_for(r"root@box:~# ", BOOT_TIMEOUT_S, since)
         took = time.monotonic() - t0
-        self.console.send("stty -echo; dmesg -n 1; export SYSTEMD_PAGER= SYSTEMD_COLORS=0 TERM=dumb\n")
+        self.console.send(SHELL_SETUP)
         self.console.run("true")
         return took
 
@@ -524,7 +529,7 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
     con.send("systemctl reboot\n")
     since = con.wait_for(r"booting slot B", 120, since).end()
     con.wait_for(r"root@box:~# ", BOOT_TIMEOUT_S, since)
-    con.send("stty -echo; dmesg -n 1\n")
+    con.send(SHELL_SETUP)
     con.run("true")
     wait_until(con, "systemctl is-active appliance-bootgate", 600, "boot gate finished on slot B")
     cmd = con.run("cat /proc/cmdline")[1]
@@ -553,7 +558,7 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
     m = con.wait_for(r"booting slot B", BOOT_TIMEOUT_S + 600, since)
     since = m.end()
     con.wait_for(r"root@box:~# ", BOOT_TIMEOUT_S, since)
-    con.send("stty -echo; dmesg -n 1\n")
+    con.send(SHELL_SETUP)
     con.run("true")
     cmd = con.run("cat /proc/cmdline")[1]
     env = con.run("grub-editenv /boot/efi/EFI/BOOT/grubenv list")[1]
@@ -585,6 +590,18 @@ def test_uefi_path(vm: VM, rep: Report, layout: dict[str, int]) -> None:
               f"and booted slot {m.group(1)} to the kernel",
               f"{time.monotonic() - t0:.0f} s; ORDER={env.get('ORDER')}")
     vm.power_cut()
+
+
+def diagnose(con: Console) -> None:
+    """After a failed check, while the box still answers: what its units say."""
+    try:
+        _, out = con.run("systemctl --failed --no-legend; systemctl is-active appliance-capture@main "
+                         "appliance-recorder appliance-uplink appliance-bootgate; journalctl -b -o cat "
+                         "-u 'appliance*' | tail -40", timeout=120, check=False)
+    except CheckFailed:
+        return
+    print("vmtest: state of the box after the failure:\n" + "\n".join(
+        f"    {line[:240]}" for line in out.splitlines()), flush=True)
 
 
 def main() -> int:
@@ -631,7 +648,10 @@ def main() -> int:
               f"({vm.describe()})", flush=True)
         return 0
     except CheckFailed as err:
-        print(f"  FAIL {err}\nvmtest: FAILED after {len(rep.passed)} passed checks; console log: "
+        print(f"  FAIL {err}", flush=True)
+        if vm is not None and vm.console is not None:
+            diagnose(vm.console)
+        print(f"vmtest: FAILED after {len(rep.passed)} passed checks; console log: "
               f"{work / 'console.log'}", flush=True)
         args.keep = True
         return 1
