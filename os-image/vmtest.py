@@ -518,7 +518,9 @@ def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
 
 
 def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> None:
-    con.run("mkdir -p /run/bundles && mount -o ro /dev/vdb /run/bundles")
+    # The bundles' disk, mounted again after each reboot (/run is a tmpfs).
+    mount = "mkdir -p /run/bundles && (mountpoint -q /run/bundles || mount -o ro /dev/vdb /run/bundles)"
+    con.run(mount)
     st = con.run("rauc status --output-format=shell | grep -E '^RAUC_SYSTEM_BOOTED_BOOTNAME='")[1]
     rep.check(st.strip().strip("'").endswith("A"), "RAUC: booted slot A", st.strip())
     con.run("rauc install /run/bundles/good.raucb", timeout=600)
@@ -549,6 +551,7 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
     rep.check("FAIL" in clock and "reported only" in clock,
               "slot confirmed with the clock unsynchronised (the clock does not gate a slot)",
               " ".join(clock.split()[:5]))
+    con.run(mount)
     con.run("rauc install /run/bundles/bad.raucb", timeout=600)
     env = con.run("grub-editenv /boot/efi/EFI/BOOT/grubenv list")[1]
     rep.check("ORDER=A B" in env and "A_TRIAL=3" in env, "broken bundle installed into slot A, on trial")
