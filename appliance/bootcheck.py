@@ -6,7 +6,7 @@ both always run and printed:
 1. The unattended self-test (every automatic check of ``appliance selftest``), kept as the box's
    last result under ``<state_dir>/selftest/last.json`` like any other run. Only the checks in
    :data:`GATING` can fail the slot: they judge what this slot brings (its kernel's drivers for
-   the capture devices, its code reading the box's journal and outbox, its memory use). The
+   the capture devices, its code reading the box's outbox, its memory use). The
    others are printed and kept but judge the world around the box, which an older slot cannot
    mend: what the lines carry at that moment, the data partition's fill and speed, the clock
    (right after a boot, or with the time server unreachable, it is not yet synchronised), the
@@ -64,8 +64,11 @@ def _config_text(state: Path, wav: Path, recipient: str) -> str:
     )
 
 
-GATING: tuple[str, ...] = ("capture-device", "journal", "outbox", "memory")
-"""Self-test checks whose FAIL fails the slot (see the module's docstring for why only these)."""
+GATING: tuple[str, ...] = ("capture-device", "outbox", "memory")
+"""Self-test checks whose FAIL fails the slot (see the module's docstring for why only these).
+Not ``journal``: it scans the ring while capture writes it, so a record appended between its full
+scan and its recovery probe reads as damage; the test call below proves this slot's journal code
+(written, recovered, read and sealed) instead."""
 
 
 def judge_selftest(results: Sequence[CheckResult]) -> tuple[bool, list[str]]:
