@@ -490,6 +490,9 @@ def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
     time.sleep(10)  # into the call (4 minutes long: the cut lands in it however slow the VM is)
     state = con.run("cat /var/lib/appliance/run/capture-main.json")[1]
     rep.check(re.search(r'"state": ?"running"', state) is not None, "capture running when the power is cut")
+    # The ring's end is read in the guest, then the VM is killed as soon as the answer arrives:
+    # frames written in that round trip (printed) are not counted as lost.
+    t_read = time.monotonic()
     written, boot, ring_rate = ring_end(con)
     vm.power_cut()
     t_cut = time.monotonic()
@@ -504,7 +507,8 @@ def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
     rep.check(lost <= window + ring_rate * 20 // 1000,
               f"power cut lost at most the sync window ({SYNC_INTERVAL_MS} ms)",
               f"ring end {written} written before the cut, {durable} durable after it: "
-              f"{max(lost, 0) / ring_rate * 1000:.0f} ms lost")
+              f"{max(lost, 0) / ring_rate * 1000:.0f} ms lost; the end was read at most "
+              f"{(t_cut - t_read) * 1000:.0f} ms before the cut")
     first, new_boot, _ = ring_end(con)
     time.sleep(3)
     later, _, _ = ring_end(con)
@@ -564,12 +568,14 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
     con.run("true")
     cmd = con.run("cat /proc/cmdline")[1]
     env = con.run("grub-editenv /boot/efi/EFI/BOOT/grubenv list")[1]
-    prev = con.run("journalctl -b -1 -u appliance-bootgate -o cat | tail -4")[1]
+    prev = con.run("journalctl -b -1 -u appliance-bootgate -o cat")[1]
     why = con.run("journalctl -b -1 -u appliance-bootgate -o cat | grep -E "
                   "'^(sealed segment|selftest: (FAILED|could not))' | head -2")[1]
-    rep.check("rauc.slot=B" in cmd and "A_OK=0" in env and "FAILED" in prev,
+    rep.check("rauc.slot=B" in cmd and "A_OK=0" in env
+              and "bootgate: boot-check FAILED on slot A" in prev
+              and "marked slot rootfs.0 as bad" in prev,
               "broken slot A failed boot-check, was marked bad and the box fell back to slot B by itself",
-              " | ".join(why.splitlines() + prev.splitlines()[-1:]))
+              " | ".join(why.splitlines()))
     wait_until(con, "systemctl is-active appliance-capture@main appliance-recorder", 60,
                "recording after the rollback")
     rep.ok("recording after the rollback")
