@@ -650,10 +650,12 @@ def main() -> int:
         if args.bundles:
             assert vm.console is not None
             test_updates(vm, vm.console, rep, layout)
+        ran_on = vm.describe()
         if not vm.uefi:
             test_uefi_path(vm, rep, layout)
+            ran_on += "; last boot UEFI (OVMF)"
         print(f"vmtest: all {len(rep.passed)} checks passed in {time.monotonic() - t0:.0f} s "
-              f"({vm.describe()})", flush=True)
+              f"({ran_on})", flush=True)
         return 0
     except CheckFailed as err:
         print(f"  FAIL {err}", flush=True)
