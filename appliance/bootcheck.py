@@ -1,11 +1,22 @@
 """``appliance boot-check``: the health gate a newly installed root slot must pass to be kept.
 
-Run by the OS image's ``appliance-bootgate.service`` on the first boots of a new slot. It runs
-``appliance selftest`` when this build has one, then records a test call end to end through
-this slot's own code (capture from a WAV file -> ring journal -> call detection -> sealing ->
-outbox) in a throwaway state folder, and checks the sealed segment: signature, payload hash,
-and that the audio decrypted with a throwaway age identity is bit-exact the audio that went in.
-The box's own journal, outbox and keys are not touched. Exit 0 = all passed, 1 = a check failed.
+Run by the OS image's ``appliance-bootgate.service`` on the first boots of a new slot. Two parts,
+both always run and printed:
+
+1. The unattended self-test (every automatic check of ``appliance selftest``), kept as the box's
+   last result under ``<state_dir>/selftest/last.json`` like any other run. Only the checks in
+   :data:`GATING` can fail the slot: they judge what this slot brings (its kernel's drivers for
+   the capture devices, its code reading the box's outbox, its memory use). The
+   others are printed and kept but judge the world around the box, which an older slot cannot
+   mend: what the lines carry at that moment, the data partition's fill and speed, the clock
+   (right after a boot, or with the time server unreachable, it is not yet synchronised), the
+   network and central (an outage must not roll back a fleet's update), the temperature.
+2. A test call recorded end to end through this slot's own code (capture from a WAV file ->
+   ring journal -> call detection -> sealing -> outbox) in a throwaway state folder; the sealed
+   segment must verify (signature, payload hash) and decrypt, with a throwaway age identity,
+   bit-exact to the audio that went in. The box's own journal, outbox and keys are not touched.
+
+Exit 0 = the slot passed, 1 = it failed.
 """
 
 from __future__ import annotations
@@ -15,9 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from appliance.config import Config
+from appliance.selftest.model import CheckResult, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +64,39 @@ def _config_text(state: Path, wav: Path, recipient: str) -> str:
     )
 
 
-def check_selftest() -> tuple[bool, str]:
-    from appliance.cli import COMMANDS
+GATING: tuple[str, ...] = ("capture-device", "outbox", "memory")
+"""Self-test checks whose FAIL fails the slot (see the module's docstring for why only these).
+Not ``journal``: it scans the ring while capture writes it, so a record appended between its full
+scan and its recovery probe reads as damage; the test call below proves this slot's journal code
+(written, recovered, read and sealed) instead."""
 
-    if "selftest" not in COMMANDS:
-        return True, "selftest: not in this build (skipped)"
-    proc = subprocess.run([sys.executable, "-m", "appliance", "selftest"], check=False,
-                          capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return proc.returncode == 0, f"selftest: exit {proc.returncode} {tail[0]}"
+
+def judge_selftest(results: Sequence[CheckResult]) -> tuple[bool, list[str]]:
+    """(passed, one printed line per result). The slot fails only on a FAIL of a gating check;
+    a gating check that did not run at all is a failure too (this slot's catalogue lost it)."""
+    lines: list[str] = []
+    failed: list[str] = []
+    for r in results:
+        gates = r.check in GATING
+        if gates and r.verdict is Verdict.FAIL:
+            failed.append(r.name)
+        lines.append(f"selftest: {r.verdict.value:<4} {r.name:<28} {r.shown_value():<16} "
+                     f"{'gates the slot' if gates else 'reported only'}"
+                     + (f" ({r.hint})" if r.hint and r.verdict is not Verdict.PASS else ""))
+    missing = [name for name in GATING if not any(r.check == name for r in results)]
+    failed += [f"{name} (did not run)" for name in missing]
+    if failed:
+        lines.append(f"selftest: FAILED on {', '.join(failed)}")
+    else:
+        lines.append(f"selftest: passed (gating checks: {', '.join(GATING)})")
+    return not failed, lines
+
+
+def check_selftest(cfg: Config) -> tuple[bool, list[str]]:
+    from appliance.selftest.runner import run_unattended
+
+    result = run_unattended(cfg)
+    return judge_selftest(result.results)
 
 
 def check_sealed_segment(work: Path) -> tuple[bool, str]:
@@ -120,10 +159,15 @@ def _find(whole: np.ndarray, part: np.ndarray) -> int | None:
     return None
 
 
-def boot_check_command() -> int:
-    """Both checks always run and are printed; the slot passes only when both pass."""
-    selftest_ok, line = check_selftest()
-    print(line, flush=True)
+def boot_check_command(cfg: Config) -> int:
+    """Both parts always run and are printed; the slot passes only when both pass."""
+    try:
+        selftest_ok, lines = check_selftest(cfg)
+    except Exception as err:  # any failure of this slot's code is a failed check
+        log.warning("boot-check: the self-test could not run", exc_info=True)
+        selftest_ok, lines = False, [f"selftest: could not run: {type(err).__name__}: {err}"]
+    for line in lines:
+        print(line, flush=True)
     with tempfile.TemporaryDirectory(prefix="boot-check-") as tmp:
         try:
             sealed_ok, line = check_sealed_segment(Path(tmp))

@@ -144,7 +144,9 @@ def build_parser() -> OneLineParser:
     chk.add_argument("path", type=Path)
     chk.add_argument("--json", action="store_true")
 
-    sub.add_parser("boot-check", help="health gate of a new root slot: selftest and a sealed test call")
+    bchk = sub.add_parser("boot-check",
+                          help="health gate of a new root slot: selftest and a sealed test call")
+    bchk.add_argument("--config", type=Path, help="TOML file (default /etc/appliance/appliance.toml)")
     return p
 
 
@@ -294,7 +296,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_boot_check(args: argparse.Namespace) -> int:
     from appliance.bootcheck import boot_check_command
 
-    return boot_check_command()
+    return boot_check_command(_config(args.config))
 
 
 COMMANDS = {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the box's disk image (Debian bookworm) without loop devices or mounts:
 #   disk.img   GPT: esp (GRUB + boot-count environment), root-a, root-b (ext4, mounted
-#              read-only), data (ext4: journal, outbox, keys, config, logs)
+#              read-only), data (ext4: journal, outbox, keys, config, logs); on amd64 also a
+#              BIOS boot partition, so the same disk boots from UEFI or a PC BIOS
 #   rootfs.ext4  the root slot image that update bundles carry
 # Usage: ARCH=amd64|arm64 OUT=build/image-amd64 os-image/build.sh
 # Downloaded .debs and wheels are cached under $CACHE to speed up reruns.
@@ -15,15 +16,15 @@ SUITE=bookworm
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 # Partition sizes (MiB). The data partition is made at this size; see README for growing it.
-ESP_MB=64 SLOT_MB=1280 DATA_MB=768
+BIOS_MB=1 ESP_MB=64 SLOT_MB=1280 DATA_MB=768
 # Fixed partition UUIDs: the kernel command line names the root slot by PARTUUID.
 UUID_ROOT_A=5b1c7f0e-4a61-4c3e-9d59-0a7c1a2b3c01
 UUID_ROOT_B=5b1c7f0e-4a61-4c3e-9d59-0a7c1a2b3c02
 
 case "$ARCH" in
-  amd64) GRUB_TARGET=x86_64-efi EFI_BIN=BOOTX64.EFI GRUB_PKG=grub-efi-amd64-bin
+  amd64) GRUB_TARGET=x86_64-efi EFI_BIN=BOOTX64.EFI GRUB_PKG="grub-efi-amd64-bin grub-pc-bin"
          KERNEL_PKG=linux-image-amd64 CONSOLE=ttyS0 ROOT_TYPE=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 ;;
-  arm64) GRUB_TARGET=arm64-efi EFI_BIN=BOOTAA64.EFI GRUB_PKG=grub-efi-arm64-bin
+  arm64) GRUB_TARGET=arm64-efi EFI_BIN=BOOTAA64.EFI GRUB_PKG=grub-efi-arm64-bin BIOS_MB=0
          KERNEL_PKG=linux-image-arm64 CONSOLE=ttyAMA0 ROOT_TYPE=B921B045-1DF0-41C3-AF44-4C6F280D3FAE ;;
   *) echo "build.sh: ARCH=$ARCH is not supported (accepted: amd64, arm64)" >&2; exit 2 ;;
 esac
@@ -32,7 +33,7 @@ esac
 PACKAGES=(
   systemd systemd-sysv systemd-timesyncd udev dbus kmod "$KERNEL_PKG" initramfs-tools zstd
   python3 python3-venv libasound2 alsa-utils libportaudio2 openssl
-  rauc rauc-service grub-common "$GRUB_PKG" e2fsprogs dosfstools cryptsetup-bin
+  rauc rauc-service grub-common $GRUB_PKG e2fsprogs dosfstools cryptsetup-bin
   procps iproute2 netbase less
 )
 
@@ -112,31 +113,40 @@ mkdir -p "$WORK/data"
 truncate -s "${DATA_MB}M" "$WORK/data.ext4"
 mkfs.ext4 -q -F -L data -d "$WORK/data" "$WORK/data.ext4"
 
-# 5. The disk: a GPT on a sparse file, partitions written in place with dd.
+# 5. The disk: a GPT on a sparse file, partitions written in place with dd. On amd64 a 1 MiB
+# BIOS boot partition (numbered last, placed first) holds GRUB's i386-pc core; both GRUBs read
+# the same grub.cfg and environment block on the ESP.
 log "disk image"
 rm -f "$OUT/disk.img"
-total=$((1 + ESP_MB + 2 * SLOT_MB + DATA_MB + 1))
+ESP_AT=$((1 + BIOS_MB))
+total=$((ESP_AT + ESP_MB + 2 * SLOT_MB + DATA_MB + 1))
 truncate -s "${total}M" "$OUT/disk.img"
-sfdisk -q "$OUT/disk.img" <<SFDISK
-label: gpt
-start=1MiB, size=${ESP_MB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp
-size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-a, uuid=$UUID_ROOT_A
-size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-b, uuid=$UUID_ROOT_B
-size=${DATA_MB}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=data
-SFDISK
+{
+  echo "label: gpt"
+  echo "start=${ESP_AT}MiB, size=${ESP_MB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp"
+  echo "size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-a, uuid=$UUID_ROOT_A"
+  echo "size=${SLOT_MB}MiB, type=$ROOT_TYPE, name=root-b, uuid=$UUID_ROOT_B"
+  echo "size=${DATA_MB}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=data"
+  [ "$BIOS_MB" -eq 0 ] || echo "start=1MiB, size=${BIOS_MB}MiB, type=21686148-6449-6E6F-744E-656564454649, name=bios-boot"
+} | sfdisk -q "$OUT/disk.img"
 put() { dd if="$1" of="$OUT/disk.img" bs=1M seek="$2" conv=notrunc,sparse status=none; }
-put "$WORK/esp.vfat" 1
-put "$OUT/rootfs.ext4" $((1 + ESP_MB))
-put "$WORK/data.ext4" $((1 + ESP_MB + 2 * SLOT_MB))
+put "$WORK/esp.vfat" "$ESP_AT"
+put "$OUT/rootfs.ext4" $((ESP_AT + ESP_MB))
+put "$WORK/data.ext4" $((ESP_AT + ESP_MB + 2 * SLOT_MB))
+if [ "$BIOS_MB" -ne 0 ]; then
+  python3 "$HERE/bios-boot.py" "$OUT/disk.img" "$ROOT/usr/lib/appliance/grub/boot.img" \
+    "$ROOT/usr/lib/appliance/grub/core.img" 2048 $((BIOS_MB * 2048))
+fi
 cp "$WORK/esp.vfat" "$OUT/esp.vfat"
 cp "$WORK/data.ext4" "$OUT/data.ext4"
 echo "$VERSION" > "$OUT/version"
 cat > "$OUT/layout.env" <<LAYOUT
 ARCH=$ARCH
-ESP_OFFSET_MB=1
-ROOT_A_OFFSET_MB=$((1 + ESP_MB))
-ROOT_B_OFFSET_MB=$((1 + ESP_MB + SLOT_MB))
-DATA_OFFSET_MB=$((1 + ESP_MB + 2 * SLOT_MB))
+ESP_OFFSET_MB=$ESP_AT
+ROOT_A_OFFSET_MB=$((ESP_AT + ESP_MB))
+ROOT_B_OFFSET_MB=$((ESP_AT + ESP_MB + SLOT_MB))
+DATA_OFFSET_MB=$((ESP_AT + ESP_MB + 2 * SLOT_MB))
+BIOS_BOOT=$([ "$BIOS_MB" -ne 0 ] && echo 1 || echo 0)
 SLOT_MB=$SLOT_MB
 DATA_MB=$DATA_MB
 LAYOUT
