@@ -32,7 +32,7 @@ esac
 
 PACKAGES=(
   systemd systemd-sysv systemd-timesyncd udev dbus kmod "$KERNEL_PKG" initramfs-tools zstd
-  python3 python3-venv libasound2 alsa-utils libportaudio2 openssl
+  python3 python3-venv libasound2 alsa-utils libportaudio2 libopus0 openssl
   rauc rauc-service grub-common $GRUB_PKG e2fsprogs dosfstools cryptsetup-bin
   procps iproute2 netbase less
 )

@@ -484,6 +484,34 @@ def test_watchdog_restart(con: Console, rep: Report) -> None:
               f"watchdog (WatchdogSec {wd})", result.strip())
 
 
+def test_fleet_requests(con: Console, rep: Report) -> None:
+    """The fleet agent's restart and reboot requests (appliance/lifecycle.py), written by the
+    product's own code as the unprivileged user the uplink runs as, acted on by the root path
+    units (os-image/systemd/appliance-{restart,reboot}.{path,service})."""
+    unit = "appliance-recorder.service"
+    requests = "/var/lib/appliance/fleet/requests"
+
+    def ask(action: str, boot_id: str) -> None:
+        con.run("runuser -u appliance -- /opt/appliance/bin/python -c "
+                "'from pathlib import Path; from appliance.lifecycle import request; "
+                f"request(Path(\"/var/lib/appliance\"), \"{action}\", \"{boot_id}\")'")
+
+    boot = con.run("cat /proc/sys/kernel/random/boot_id")[1].strip()
+    pid = unit_prop(con, unit, "MainPID")
+    ask("restart", boot)
+    wait_until(con, f"test ! -e {requests}/restart && "
+               f"test \"$(systemctl show -p MainPID --value {unit})\" != 0 -a "
+               f"\"$(systemctl show -p MainPID --value {unit})\" != {pid} && "
+               f"systemctl is-active {unit}", 90, "stages restarted on the fleet's restart request")
+    rep.ok(f"fleet restart request (user appliance) restarted the stages through "
+           f"appliance-restart.path (recorder pid {pid} -> {unit_prop(con, unit, 'MainPID')})")
+    ask("reboot", "00000000-0000-0000-0000-000000000000")  # as a power cut would leave it
+    wait_until(con, f"test ! -e {requests}/reboot && journalctl -b -u appliance-reboot.service "
+               "-o cat | grep -q 'not from this boot'", 60, "stale reboot request ignored")
+    rep.check(con.run("cat /proc/sys/kernel/random/boot_id")[1].strip() == boot,
+              "a reboot request from an earlier boot removed and ignored (no reboot)")
+
+
 def test_power_cut(vm: VM, con: Console, rep: Report) -> Console:
     before = segments(con)
     con.run("nohup aplay -q -D hw:Loopback,0,0 /data/vmtest/long.wav >/dev/null 2>&1 &")
@@ -646,6 +674,7 @@ def main() -> int:
             test_recording(vm, con, rep, secret, played)
             test_restart_on_kill(con, rep)
             test_watchdog_restart(con, rep)
+            test_fleet_requests(con, rep)
             con = test_power_cut(vm, con, rep)
         if args.bundles:
             assert vm.console is not None

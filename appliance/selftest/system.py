@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from appliance.buffer.check import check as check_journal_file
+from appliance.buffer.check import check_live as check_journal_file
 from appliance.selftest.context import Context
 from appliance.selftest.model import CheckResult, Verdict, grade
 from linerec_contract.durable import ensure_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from appliance.buffer import (
     buffer_check_command,
     check,
 )
+from appliance.buffer.check import check_live
 from appliance.buffer.format import (
     BYTES_PER_SAMPLE,
     FILE_HEADER_SIZE,
@@ -363,3 +365,39 @@ def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err.strip()
     assert "junk" in err and "\n" not in err
     assert buffer_check_command(tmp_path / "missing", as_json=False) == 2
+
+
+def test_live_check_races_a_running_writer_without_false_damage(tmp_path: Path) -> None:
+    """The self-test checks the journal while capture appends. A plain scan then reports the
+    race itself as damage (recovery, run after the scan, finds a newer record); the live check
+    must not, yet must still report real damage."""
+    p = tmp_path / "s.ring"
+    w = _open(p, slots=32)
+    stop = threading.Event()
+    appended = [0]
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            _append(w, i)
+            i += 1
+            appended[0] = i
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        strict_problems = live_problems = 0
+        for _ in range(200):
+            strict_problems += not check(p).ok
+            rep = check_live(p)
+            live_problems += not rep.ok
+            assert rep.ok, rep.problems
+        assert appended[0] > 2 * 32  # the writer wrapped the ring during the checks
+    finally:
+        stop.set()
+        writer.join(10)
+    # The race is real: the plain scan saw it at least once while the writer ran.
+    assert strict_problems > 0 and live_problems == 0, (strict_problems, live_problems)
+    _corrupt_slot(p, 7)
+    rep = check_live(p)
+    assert not rep.ok and rep.corrupt_slots == [7]

@@ -8,8 +8,10 @@ echo box > /etc/hostname
 ln -sf /run/systemd/resolve/resolv.conf /etc/resolv.conf 2>/dev/null || true
 systemctl enable systemd-networkd.service systemd-timesyncd.service appliance.target \
   appliance-provision.service appliance-bootgate.service appliance-debug-console.service \
+  appliance-restart.path appliance-restart-stages.path appliance-reboot.path \
   rauc.service >/dev/null 2>&1 || systemctl enable systemd-networkd.service systemd-timesyncd.service \
-  appliance.target appliance-provision.service appliance-bootgate.service appliance-debug-console.service
+  appliance.target appliance-provision.service appliance-bootgate.service appliance-debug-console.service \
+  appliance-restart.path appliance-restart-stages.path appliance-reboot.path
 systemctl mask serial-getty@.service getty@.service >/dev/null 2>&1 || true
 # Jobs that need a writable root or are not wanted on a recorder.
 for unit in e2scrub_reap.service e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer \
