@@ -334,12 +334,19 @@ RING_SCRIPT = (
 )
 
 
+RING_LINE = re.compile(r"(\d+) ([0-9a-f]{32}) (\d+)")
+
+
 def ring_end(con: Console, boot: str = "") -> tuple[int, str, int]:
     out = con.run(f'/opt/appliance/bin/python -c "exec(\'{RING_SCRIPT}\')" '
                   f"/var/lib/appliance/ring/main.ring {boot}")[1]
     if not out.strip():
         raise CheckFailed(f"no journal record{' of boot ' + boot if boot else ''} in the ring")
-    end, boot_id, rate = out.splitlines()[-1].split()
+    # The serial console also carries the kernel's and systemd's own lines: take the answer's.
+    found = [m for m in map(RING_LINE.fullmatch, (ln.strip() for ln in out.splitlines())) if m]
+    if not found:
+        raise CheckFailed(f"no ring end in the answer: {out[-300:]!r}")
+    end, boot_id, rate = found[-1].groups()
     return int(end), boot_id, int(rate)
 
 
@@ -686,7 +693,7 @@ def main() -> int:
         print(f"vmtest: all {len(rep.passed)} checks passed in {time.monotonic() - t0:.0f} s "
               f"({ran_on})", flush=True)
         return 0
-    except CheckFailed as err:
+    except (CheckFailed, ValueError, OSError) as err:
         print(f"  FAIL {err}", flush=True)
         if vm is not None and vm.console is not None:
             diagnose(vm.console)
