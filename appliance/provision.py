@@ -19,6 +19,7 @@ Enrolment, box side (central's side is ``appliance-central fleet enroll``):
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from linerec_contract.identity import DeviceKey, decode_public, key_id_for_publi
 from linerec_contract.pki import key_pem, make_request, new_tls_key
 from linerec_contract.protocol import DEVICE_ID_RE
 
+log = logging.getLogger(__name__)
 REQUEST_KIND = "enrolment-request"
 BUNDLE_KIND = "enrolment-bundle"
 MAX_BUNDLE_BYTES = 256 * 1024
@@ -210,13 +212,18 @@ def broker_address(cfg: Config) -> tuple[str, int]:
     host, port = u.host, u.port
     if explicit == {"host", "port"}:
         return host, port
+    path = cfg.keys_dir / ENROLMENT_FILE
     try:
-        obj = json.loads((cfg.keys_dir / ENROLMENT_FILE).read_text())
+        obj = json.loads(path.read_text())
         broker = obj["broker"]
         host = host if "host" in explicit else str(broker["host"])
         port = port if "port" in explicit else int(broker["port"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except FileNotFoundError:
+        pass  # not enrolled yet: the config's defaults
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: cannot read the broker address (%s); using uplink.host/port %s:%d "
+                    "(install the enrolment bundle again: appliance provision --install)",
+                    path, err, host, port)
     return host, port
 
 

@@ -480,7 +480,7 @@ def _payload_sha256(payload: bytes | Path) -> str:
             return spool_wire_file(payload, None).payload_sha256
         return str(decode_wire(payload).payload_sha256)
     except FormatError:
-        pass
+        pass  # not a segment: the ack names the hash of the whole message, below
     if not isinstance(payload, Path):
         return hashlib.sha256(payload).hexdigest()
     digest = hashlib.sha256()

@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libasound2 libasound2-dev alsa-utils libportaudio2
   mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev
   age flac sox libsox-fmt-all opus-tools libopus0 zstd openssl
-  tmux postgresql-15 nginx
+  tmux postgresql-15 nginx systemd
   chromium chromium-driver
 )
 NEED_CMDS=(mosquitto age flac sox opusinfo zstd nginx)

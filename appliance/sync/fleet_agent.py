@@ -425,7 +425,7 @@ class FleetAgent:
             rec = json.loads((self.cfg.run_dir / "recorder.json").read_text())
             ids += [str(ln["line"]) for ln in rec.get("lines", [])]
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            pass  # no recorder status yet (or not this version's): the configured lines only
         return sorted(set(ids))
 
     def _recent_logs(self, lines: object) -> dict[str, Any]:
