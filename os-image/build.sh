@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the box's disk image (Debian bookworm) without loop devices or mounts:
 #   disk.img   GPT: esp (GRUB + boot-count environment), root-a, root-b (ext4, mounted
-#              read-only), data (ext4: journal, outbox, keys, config, logs); on amd64 also a
-#              BIOS boot partition, so the same disk boots from UEFI or a PC BIOS
+#              read-only), data (blank: the box encrypts it (LUKS2) and makes its file system
+#              on first boot; journal, outbox, keys, config, logs); on amd64 also a BIOS boot
+#              partition, so the same disk boots from UEFI or a PC BIOS
 #   rootfs.ext4  the root slot image that update bundles carry
 # Usage: ARCH=amd64|arm64 OUT=build/image-amd64 os-image/build.sh
 # Downloaded .debs and wheels are cached under $CACHE to speed up reruns.
@@ -33,8 +34,9 @@ esac
 PACKAGES=(
   systemd systemd-sysv systemd-timesyncd udev dbus kmod "$KERNEL_PKG" initramfs-tools zstd
   python3 python3-venv libasound2 alsa-utils libportaudio2 libopus0 openssl
-  rauc rauc-service grub-common $GRUB_PKG e2fsprogs dosfstools cryptsetup-bin
-  procps iproute2 netbase less
+  rauc rauc-service grub-common $GRUB_PKG e2fsprogs dosfstools cryptsetup-bin dmsetup
+  libtss2-esys-3.0.2-0 libtss2-rc0 libtss2-mu0 libtss2-tcti-device0
+  procps iproute2 netbase less fdisk
 )
 
 WORK="$OUT/work"
@@ -62,6 +64,11 @@ fi
 
 RAUC_KEYS="${RAUC_KEYS:-$CACHE/rauc-keys}"
 "$HERE/rauc-keys.sh" "$RAUC_KEYS"
+# The recipients the boxes encrypt their data partition's recovery key to.
+ESCROW_KEY="${ESCROW_KEY:-$CACHE/escrow-key}"
+"$HERE/escrow-key.sh" "$ESCROW_KEY"
+grep -Eqx 'age1[0-9a-z]{58}' "$ESCROW_KEY/recipients.txt" && ! grep -Evqx 'age1[0-9a-z]{58}|#.*|' "$ESCROW_KEY/recipients.txt" || {
+  echo "build.sh: $ESCROW_KEY/recipients.txt must hold age1... recipients, one per line" >&2; exit 2; }
 
 # 2. The root filesystem.
 log "root filesystem ($ARCH, ${#PACKAGES[@]} packages and their dependencies)"
@@ -80,6 +87,7 @@ mmdebstrap --variant=minbase --arch="$ARCH" --include="$(IFS=,; echo "${PACKAGES
   --customize-hook="cp -a $HERE/rootfs/. \"\$1\"/" \
   --customize-hook="cp $HERE/systemd/* \"\$1\"/usr/lib/systemd/system/" \
   --customize-hook="cp $RAUC_KEYS/ca.cert.pem \"\$1\"/etc/rauc/keyring.pem" \
+  --customize-hook="cp $ESCROW_KEY/recipients.txt \"\$1\"/usr/lib/appliance/escrow-recipients.txt" \
   --customize-hook="echo $VERSION > \"\$1\"/usr/lib/appliance/version && chroot \"\$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh /usr/lib/appliance/image-finish.sh $GRUB_TARGET" \
   --customize-hook="rm -rf \"\$1\"/tmp/wheels \"\$1\"/tmp/customize.sh \"\$1\"/var/cache/apt/archives/*.deb" \
   "$SUITE" "$ROOT" \
@@ -103,15 +111,17 @@ mkfs.vfat -C -n ESP "$WORK/esp.vfat" $((ESP_MB * 1024)) >/dev/null
 mmd -i "$WORK/esp.vfat" ::/EFI ::/EFI/BOOT
 mcopy -i "$WORK/esp.vfat" "$WORK/$EFI_BIN" "$WORK/grub.cfg" "$WORK/grubenv" ::/EFI/BOOT/
 
-# 4. Root slot image (ext4, mounted read-only) and the data partition.
+# 4. Root slot image (ext4, mounted read-only) and the data partition's blank mark: its first
+# 8 MiB hold a known line (see data-unlock), so that even a sparse copy of the image onto a used
+# disk overwrites the LUKS headers of an earlier install; the box formats the partition on first
+# boot. The mark is read from the script the image carries.
 log "root slot image"
-rm -f "$OUT/rootfs.ext4" "$WORK/data.ext4"
+rm -f "$OUT/rootfs.ext4" "$OUT/data.ext4"
 truncate -s "${SLOT_MB}M" "$OUT/rootfs.ext4"
 mkfs.ext4 -q -F -L root -d "$ROOT" "$OUT/rootfs.ext4"
-mkdir -p "$WORK/data"
-"$HERE/data-skeleton.sh" "$WORK/data"
-truncate -s "${DATA_MB}M" "$WORK/data.ext4"
-mkfs.ext4 -q -F -L data -d "$WORK/data" "$WORK/data.ext4"
+MARK="$(sed -n 's/^MARK="\(.*\)"$/\1/p' "$ROOT/usr/lib/appliance/data-unlock")"
+[ -n "$MARK" ] || { echo "build.sh: no MARK= line in data-unlock" >&2; exit 1; }
+yes "$MARK" | head -c 8388608 > "$WORK/data.blank" || true
 
 # 5. The disk: a GPT on a sparse file, partitions written in place with dd. On amd64 a 1 MiB
 # BIOS boot partition (numbered last, placed first) holds GRUB's i386-pc core; both GRUBs read
@@ -132,13 +142,12 @@ truncate -s "${total}M" "$OUT/disk.img"
 put() { dd if="$1" of="$OUT/disk.img" bs=1M seek="$2" conv=notrunc,sparse status=none; }
 put "$WORK/esp.vfat" "$ESP_AT"
 put "$OUT/rootfs.ext4" $((ESP_AT + ESP_MB))
-put "$WORK/data.ext4" $((ESP_AT + ESP_MB + 2 * SLOT_MB))
+put "$WORK/data.blank" $((ESP_AT + ESP_MB + 2 * SLOT_MB))
 if [ "$BIOS_MB" -ne 0 ]; then
   python3 "$HERE/bios-boot.py" "$OUT/disk.img" "$ROOT/usr/lib/appliance/grub/boot.img" \
     "$ROOT/usr/lib/appliance/grub/core.img" 2048 $((BIOS_MB * 2048))
 fi
 cp "$WORK/esp.vfat" "$OUT/esp.vfat"
-cp "$WORK/data.ext4" "$OUT/data.ext4"
 echo "$VERSION" > "$OUT/version"
 cat > "$OUT/layout.env" <<LAYOUT
 ARCH=$ARCH

@@ -4,7 +4,7 @@
 set -euo pipefail
 PACKAGES=(
   mmdebstrap qemu-system-x86 qemu-utils ovmf dosfstools mtools e2fsprogs fdisk
-  rauc squashfs-tools openssl age python3
+  rauc squashfs-tools openssl age python3 swtpm
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

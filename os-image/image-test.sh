@@ -29,4 +29,7 @@ debugfs -R "ls -p $pkg" "$broken/rootfs.ext4" 2>/dev/null | grep -q '/manifest\.
 "$HERE/bundle.sh" "$broken" "$BUNDLES/bad.raucb" "broken-for-test"
 rm -rf "$broken"
 echo "image-test: bundles built in $(( $(date +%s) - t0 )) s"
-"$REPO/.venv/bin/python" "$HERE/vmtest.py" --image "$IMAGE" --bundles "$BUNDLES"
+# The escrow identity the image's recipients belong to (made by escrow-key.sh with the image).
+ESCROW_KEY="${ESCROW_KEY:-${CACHE:-/var/cache/appliance-image}/escrow-key}"
+"$REPO/.venv/bin/python" "$HERE/vmtest.py" --image "$IMAGE" --bundles "$BUNDLES" \
+  --escrow-identity "$ESCROW_KEY/identity.txt"

@@ -2,15 +2,19 @@
 
 Usage: .venv/bin/python os-image/vmtest.py --image build/image-amd64 [--bundles build/bundles]
 
-Works on a copy of the built disk (the image itself is not changed). The copy gets a test data
-partition (a config with transport = "none", an age recipient whose identity only this test
-holds, test audio) and a root shell on the console (appliance.debug_console in the ESP's GRUB
-environment). In the VM: snd-aloop is loaded, the test audio is played into the loopback and
-the box must record and seal the call; a SIGKILLed recorder must be restarted by systemd; a
-stage that stops its watchdog keep-alives (SIGSTOP) must be restarted by systemd's watchdog;
-the VM is killed during recording and must lose at most the ring's sync window and come back
-recording. With --bundles: an update bundle installs, the box boots the new slot and marks it
-good after boot-check; a bundle whose boot-check fails is rolled back by itself.
+Works on a copy of the built disk (the image itself is not changed). The copy gets a site seed on
+its ESP (copied onto the data partition when the box formats it on first boot: a config with
+transport = "none", an age recipient whose identity only this test holds, test audio) and a root
+shell on the console (appliance.debug_console in the ESP's GRUB environment). The VM has a TPM
+(swtpm). In the VM: the data partition must come up encrypted (LUKS2, its key sealed to the TPM)
+and its escrowed recovery key must open it; snd-aloop is loaded, the test audio is played into
+the loopback and the box must record and seal the call; a SIGKILLed recorder must be restarted
+by systemd; a stage that stops its watchdog keep-alives (SIGSTOP) must be restarted by systemd's
+watchdog; the VM is killed during recording and must lose at most the ring's sync window and
+come back recording; with a new TPM the box must ask for the recovery key on the console, keep
+its data and seal the key to the new TPM. With --bundles: an update bundle installs, the box
+boots the new slot and marks it good after boot-check; a bundle whose boot-check fails is rolled
+back by itself.
 Exit 0 when every check passed, 1 when one failed, 2 on bad usage.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import shutil
@@ -29,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -39,6 +45,7 @@ DEVICE_RATE = 48000  # snd-aloop offers 48 kHz; the box resamples to RATE
 SYNC_INTERVAL_MS = 500
 BOOT_TIMEOUT_S = 900.0  # TCG on a busy machine boots in minutes
 KVM_PROBE_S = 60.0
+DISK_EXTRA_MB = 1024  # the test disk is this much larger than the image
 
 
 # The console shell: no echo, no kernel messages, no pager (journalctl and systemctl would wait).
@@ -187,8 +194,13 @@ class VM:
     def __init__(self, disk: Path, work: Path, extra_disk: Path | None, uefi: bool) -> None:
         self.disk, self.work, self.extra_disk, self.uefi = disk, work, extra_disk, uefi
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tpm_proc: subprocess.Popen[bytes] | None = None
         self.console: Console | None = None
         self.boots = 0
+        # The board's TPM (swtpm, a software TPM 2.0 that keeps its state in this folder across
+        # boots, as a chip would). A new folder is a new TPM: the board replaced or the TPM cleared.
+        self.tpm_state = work / "tpm-1"
+        self.with_tpm = True
         self.vars = work / "OVMF_VARS.fd"
         if uefi:
             shutil.copy(Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), self.vars)
@@ -242,10 +254,32 @@ class VM:
                      "-drive", f"if=pflash,format=raw,file={self.vars}"]
         if self.extra_disk is not None:
             argv += ["-drive", f"file={self.extra_disk},format=raw,if=virtio,readonly=on"]
+        if self.with_tpm:
+            argv += self._start_tpm()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=(self.work / "qemu.stderr").open("ab"))
         self.console = Console(sock, self.work / "console.log")
         return self.console
+
+    def _start_tpm(self) -> list[str]:
+        self.tpm_state.mkdir(exist_ok=True)
+        sock = self.work / f"tpm-{self.boots}.sock"
+        self.tpm_proc = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}",
+             "--ctrl", f"type=unixio,path={sock}", "--terminate",
+             "--log", f"file={self.work / 'swtpm.log'}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.tpm_proc.poll() is not None or time.monotonic() > deadline:
+                raise CheckFailed(f"swtpm did not start (log: {self.work / 'swtpm.log'})")
+            time.sleep(0.05)
+        return ["-chardev", f"socket,id=tpm,path={sock}", "-tpmdev", "emulator,id=tpm0,chardev=tpm",
+                "-device", "tpm-tis,tpmdev=tpm0"]
+
+    def replace_tpm(self) -> None:
+        """The next boot finds a new TPM (the board replaced, or its TPM cleared)."""
+        self.tpm_state = self.work / f"tpm-{self.boots + 1}"
 
     def login(self, since: int = 0) -> float:
         assert self.console is not None
@@ -260,6 +294,14 @@ class VM:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        if self.tpm_proc is not None:
+            # swtpm ends with qemu's connection (--terminate); it is killed if it has not.
+            try:
+                self.tpm_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.tpm_proc.kill()
+                self.tpm_proc.wait()
+            self.tpm_proc = None
         if self.console:
             self.console.close()
         self.proc, self.console = None, None
@@ -268,21 +310,24 @@ class VM:
 def make_test_disk(image: Path, work: Path, layout: dict[str, int]) -> tuple[Path, str, np.ndarray]:
     disk = work / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
+    # The box's disk is larger than the image: the data partition must take the rest on first boot.
+    subprocess.run(["truncate", "-s", f"+{DISK_EXTRA_MB}M", str(disk)], check=True)
     # Console shell and snd-aloop, through the GRUB environment on the ESP of the copy.
     env = read_grubenv(disk, layout["ESP_OFFSET_MB"])
     env["EXTRA_CMDLINE"] = "appliance.debug_console modules_load=snd-aloop systemd.show_status=error"
     write_grubenv(work / "grubenv", env)
     subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{layout['ESP_OFFSET_MB']}M", str(work / "grubenv"),
                     "::/EFI/BOOT/grubenv"], check=True)
-    # A provisioned data partition: config, central's recipient for this test, test audio.
-    data = work / "data"
-    subprocess.run([str(HERE / "data-skeleton.sh"), str(data)], check=True)
+    # The site's seed on the ESP (appliance/seed/, copied onto the data partition when the box
+    # formats it on first boot): config, central's recipient for this test, test audio.
+    data = work / "seed"
     identity = sh("age-keygen").strip()
     secret = next(ln for ln in identity.splitlines() if ln.startswith("AGE-SECRET-KEY-"))
     recipient = _recipient(secret)
     keys = data / "appliance" / "keys"
     keys.mkdir(parents=True)
     (keys / "recipients.txt").write_text(recipient + "\n")
+    (data / "etc" / "appliance").mkdir(parents=True)
     (data / "etc" / "appliance" / "appliance.toml").write_text(
         '[device]\nid = "vmtest-box"\n'
         '[[capture]]\nname = "main"\nsource = "alsa"\ndevice = "hw:Loopback,1,0"\n'
@@ -296,12 +341,9 @@ def make_test_disk(image: Path, work: Path, layout: dict[str, int]) -> tuple[Pat
         soundfile.write(work / f"{name}-8k.wav", pcm[:, 0], RATE, subtype="PCM_16")
         subprocess.run(["sox", str(work / f"{name}-8k.wav"), "-r", str(DEVICE_RATE),
                         str(data / "vmtest" / f"{name}.wav")], check=True)
-    part = work / "data.ext4"
-    subprocess.run(["truncate", "-s", f"{layout['DATA_MB']}M", str(part)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "data", "-d", str(data), str(part)], check=True)
-    subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={layout['DATA_OFFSET_MB']}",
-                    "conv=notrunc,sparse", "status=none"], check=True)
-    part.unlink()
+    esp = f"{disk}@@{layout['ESP_OFFSET_MB']}M"
+    subprocess.run(["mmd", "-i", esp, "::/appliance"], check=True)
+    subprocess.run(["mcopy", "-s", "-i", esp, str(data), "::/appliance/seed"], check=True)
     shutil.rmtree(data)
     return disk, secret, audio
 
@@ -430,8 +472,8 @@ def boot_and_basics(vm: VM, rep: Report, first: bool) -> Console:
     rep.check(opts.split(",")[0] == "ro" and rc != 0, "root file system mounted read-only",
               opts.split(",")[0])
     mounts = con.run("findmnt -no SOURCE,FSTYPE /data; findmnt -no SOURCE /var/lib/appliance")[1]
-    rep.check("ext4" in mounts and "[/appliance]" in mounts,
-              "data partition (ext4) holds /var/lib/appliance", " ".join(mounts.split()))
+    rep.check("/dev/mapper/data ext4" in " ".join(mounts.split()) and "[/appliance]" in mounts,
+              "data partition (ext4 on /dev/mapper/data) holds /var/lib/appliance", " ".join(mounts.split()))
     keys = con.run("ls -l /var/lib/appliance/keys; /opt/appliance/bin/python -c \"import json; "
                    "print(json.load(open('/var/lib/appliance/keys/enrolment-request.json'))['csr_pem'])\""
                    " | openssl req -noout -subject")[1]
@@ -452,6 +494,126 @@ def boot_and_basics(vm: VM, rep: Report, first: bool) -> Console:
     rep.check(ts.split() == ["active", "yes"], "time synchronisation (systemd-timesyncd) active")
     snd = con.run("cat /proc/asound/cards")[1]
     rep.check("Loopback" in snd, "snd-aloop loaded in the guest")
+    return con
+
+
+# The TPM token's sealed blob is summarised by a hash: it changes when the key is sealed again.
+LUKS_SCRIPT = ("import hashlib, json, sys; m = json.load(sys.stdin); "
+               "print(json.dumps({'keyslots': sorted(m['keyslots']), 'tokens': "
+               "[{'type': t['type'], 'keyslots': t['keyslots'], 'pcrs': t.get('tpm2-pcrs'), "
+               "'blob': hashlib.sha256(t.get('tpm2-blob', '').encode()).hexdigest()[:16]} "
+               "for t in m['tokens'].values()]}, separators=(',', ':')))")
+
+
+def luks_layout(con: Console) -> dict[str, list[Any]]:
+    """The data partition's key slots and tokens, from its LUKS2 header's JSON metadata."""
+    out = con.run("cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/data | "
+                  f'/opt/appliance/bin/python -c "{LUKS_SCRIPT}"')[1]
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith('{"keyslots"')), None)
+    if line is None:
+        raise CheckFailed(f"no LUKS2 metadata in the answer: {out[-300:]!r}")
+    return dict(json.loads(line))
+
+
+def check_luks_layout(con: Console, rep: Report, what: str) -> str:
+    """Two key slots: one sealed to the TPM (PCR 7) and the escrowed recovery key; the random
+    key of the first format is gone. Returns the TPM token's blob summary."""
+    luks = luks_layout(con)
+    tokens = sorted((t["type"], t["pcrs"]) for t in luks["tokens"])
+    covered = sorted(k for t in luks["tokens"] for k in t["keyslots"])
+    rep.check(tokens == [("systemd-recovery", None), ("systemd-tpm2", [7])]
+              and covered == luks["keyslots"] and len(luks["keyslots"]) == 2,
+              f"{what}: LUKS2 key slots are the TPM's (PCR 7) and the recovery key's only",
+              f"slots {luks['keyslots']}, tokens {tokens}")
+    return str(next(t["blob"] for t in luks["tokens"] if t["type"] == "systemd-tpm2"))
+
+
+def selftest_encryption(con: Console) -> str:
+    """The self-test's data-encryption line, run as the stages' user."""
+    out = con.run("runuser -u appliance -- appliance selftest --only data-encryption", check=False)[1]
+    return next((ln.strip() for ln in out.splitlines() if "data-encryption" in ln), out[-200:])
+
+
+def test_encryption(con: Console, rep: Report, escrow_identity: Path, layout: dict[str, int]) -> str:
+    """First boot encrypted the data partition: checks its header, its journal, and that the
+    escrowed recovery key (decrypted on the host by the stock age with the escrow identity)
+    opens it. Returns the recovery key."""
+    status = con.run("cryptsetup status data | sed -n 's/^ *\\(type\\|cipher\\|keysize\\): *//p'")[1]
+    rep.check(status.split()[:3] == ["LUKS2", "aes-xts-plain64", "512"],
+              "data partition is LUKS2 (aes-xts-plain64, 512-bit key)", " ".join(status.split()))
+    log = con.run("journalctl -b -u appliance-data -o cat")[1]
+    rep.check("first boot, formatting" in log and "key sealed to the TPM (PCR 7)" in log
+              and "seed copied" in log and "WARNING" not in log,
+              "first boot: partition formatted, key sealed to the TPM, site seed copied in",
+              " | ".join(ln.removeprefix("data-partition: ")[:70] for ln in log.splitlines()
+                         if ln.startswith("data-partition: ")))
+    check_luks_layout(con, rep, "first boot")
+    line = selftest_encryption(con)
+    rep.check(line.split()[:3] == ["PASS", "data-encryption", "tpm"],
+              "self-test: data-encryption PASS (opened by the TPM)", line)
+    grown = re.search(r"partition grown to the end of (\S+): (\d+) -> (\d+) MiB", log)
+    size = con.run("df -BM --output=size /data | tail -1; "
+                   "sfdisk --verify /dev/vda 2>&1 | grep -m1 -i 'errors* detected'")[1]
+    fs_mb = int(size.split()[0].rstrip("M"))
+    rep.check(grown is not None and int(grown.group(2)) == layout["DATA_MB"]
+              and int(grown.group(3)) >= layout["DATA_MB"] + DISK_EXTRA_MB - 2
+              and fs_mb > layout["DATA_MB"] + DISK_EXTRA_MB * 0.9 and "No errors detected" in size,
+              f"first boot: the data partition grew over the disk's free {DISK_EXTRA_MB} MiB",
+              f"{grown.group(0) if grown else 'not grown'}; /data {fs_mb} MiB; GPT: "
+              f"{size.splitlines()[-1].strip()}")
+    escrow = fetch(con, "/boot/efi/appliance/data-recovery-key.age")
+    proc = subprocess.run(["age", "-d", "-i", str(escrow_identity)], input=escrow,
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise CheckFailed(f"escrowed recovery key: age could not decrypt it: {proc.stderr.decode()[:200]}")
+    key = proc.stdout.decode().strip()
+    # systemd's recovery keys: 8 groups of 8 'modhex' characters.
+    if not re.fullmatch(r"[cbdefghijklnrtuv]{8}(-[cbdefghijklnrtuv]{8}){7}", key):
+        raise CheckFailed(f"escrowed recovery key: not a recovery key: {key[:20]!r}...")
+    # External tokens off: cryptsetup would otherwise try the TPM first, which opens it anyway.
+    test = ("cryptsetup open --test-passphrase --disable-external-tokens --key-file=- "
+            "/dev/disk/by-partlabel/data")
+    good, _ = con.run(f"printf %s {key} | {test}", check=False)
+    wrong = key[:-1] + ("c" if key[-1] != "c" else "b")
+    bad, _ = con.run(f"printf %s {wrong} | {test}", check=False)
+    rep.check(good == 0 and bad != 0,
+              "escrowed recovery key (ESP, decrypted by age with the escrow identity) opens the "
+              "partition; the same key with one character changed does not")
+    return key
+
+
+def test_tpm_replaced(vm: VM, con: Console, rep: Report, recovery: str) -> Console:
+    """A new TPM (board replaced or TPM cleared): the box stops at the recovery prompt, takes
+    the escrowed recovery key on the console, keeps its data, seals the key to the new TPM and
+    records again."""
+    before = segments(con)
+    sealed = check_luks_layout(con, rep, "before the TPM is replaced")
+    con.run("sync")
+    vm.power_cut()
+    vm.replace_tpm()
+    con = vm.start()
+    m = con.wait_for(r"Recovery key for the data partition", BOOT_TIMEOUT_S)
+    why = con.buf[:m.start()]
+    rep.check("the TPM did not release the key" in why,
+              "new TPM: the box asks for the recovery key on the console and says why")
+    con.send("cccccccc-cccccccc\n")
+    m = con.wait_for(r"Recovery key for the data partition", 120, m.end())
+    rep.check("recovery key not accepted" in con.buf[:m.start()],
+              "a wrong recovery key is refused and asked again")
+    con.send(recovery + "\n")
+    vm.login(m.end())
+    log = con.run("journalctl -b -u appliance-data -o cat")[1]
+    rep.check("unlocked by the recovery key" in log and "key sealed to this TPM again" in log,
+              "recovery key accepted; the key is sealed to the new TPM")
+    resealed = check_luks_layout(con, rep, "after recovery")
+    rep.check(resealed != sealed, "the TPM slot is a new one, sealed by the new TPM",
+              f"sealed blob {sealed} -> {resealed}")
+    wait_until(con, "systemctl is-active appliance-capture@main appliance-recorder", 120,
+               "stages active after the recovery")
+    after = segments(con)
+    rep.check(set(before) <= set(after) and len(before) > 0,
+              "data kept through the recovery; recording again",
+              f"{len(before)} sealed segments before, all present after")
     return con
 
 
@@ -579,6 +741,10 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
               and "boot-check: passed" in gate and "bootgate: slot B confirmed good" in gate,
               "new slot B booted, boot-check passed, slot marked good",
               " ".join(env.split()))
+    unlock = con.run("journalctl -b -u appliance-data -o cat | grep '^data-partition: unlocked'")[1]
+    rep.check(unlock.strip().endswith("unlocked by the TPM"),
+              "slot B's boot: the data partition unlocked by the TPM it was sealed to again",
+              unlock.strip().splitlines()[-1] if unlock.strip() else "")
     rauc = con.run("rauc status --output-format=shell | grep -E "
                    "'^RAUC_(SYSTEM_BOOTED_BOOTNAME|SLOT_STATE_1|SLOT_BOOT_STATUS_1)='")[1]
     rep.check("good" in rauc and "booted" in rauc, "RAUC: slot B booted and good",
@@ -618,7 +784,8 @@ def test_updates(vm: VM, con: Console, rep: Report, layout: dict[str, int]) -> N
 
 def test_uefi_path(vm: VM, rep: Report, layout: dict[str, int]) -> None:
     """The same disk through UEFI firmware (OVMF): GRUB's EFI build reads the same grub.cfg and
-    environment block and boots the slot the BIOS path would boot, up to the kernel."""
+    environment block and boots the slot the BIOS path would boot, up to the kernel and the data
+    partition's unlock, which the TPM must refuse to this other firmware."""
     if vm.proc is not None:
         vm.power_cut()  # the box is idle and its data synced; the rest of the test is done
     env = read_grubenv(vm.disk, layout["ESP_OFFSET_MB"])
@@ -632,6 +799,50 @@ def test_uefi_path(vm: VM, rep: Report, layout: dict[str, int]) -> None:
     rep.check(m.group(1) == want, f"UEFI path ({vm.describe()}): GRUB EFI read the same environment "
               f"and booted slot {m.group(1)} to the kernel",
               f"{time.monotonic() - t0:.0f} s; ORDER={env.get('ORDER')}")
+    # The key is sealed to PCR 7 as SeaBIOS left it; OVMF measures its Secure Boot state into
+    # PCR 7, so the same TPM must refuse the key to this other boot chain.
+    m = con.wait_for(r"the TPM did not release the key|unlocked by the TPM", BOOT_TIMEOUT_S, m.end())
+    rep.check(m.group(0).startswith("the TPM did not"),
+              "the same TPM refuses the key to another firmware (PCR 7 differs): recovery prompt")
+    vm.power_cut()
+
+
+def test_board_without_tpm(vm: VM, rep: Report, layout: dict[str, int]) -> None:
+    """A board without a TPM: the data partition made blank again (as the image ships it), first
+    boot without a TPM must format it with the key kept on the ESP and say so, and the next boot
+    must open it with that key."""
+    if vm.proc is not None:
+        vm.power_cut()
+    mark = re.search(r'^MARK="(.*)"$', (HERE / "rootfs/usr/lib/appliance/data-unlock").read_text(),
+                     re.MULTILINE)
+    assert mark is not None
+    blank = (mark.group(1) + "\n").encode() * (8 * 2**20 // (len(mark.group(1)) + 1) + 1)
+    with vm.disk.open("r+b") as f:
+        f.seek(layout["DATA_OFFSET_MB"] * 2**20)
+        f.write(blank[: 8 * 2**20])
+    vm.uefi, vm.with_tpm = layout.get("BIOS_BOOT", 0) != 1, False
+    con = vm.start()
+    vm.login()
+    log = con.run("journalctl -b -u appliance-data -o cat | grep '^data-partition: '")[1]
+    luks = luks_layout(con)
+    rep.check("first boot, formatting" in log and "WARNING: no TPM: the key is kept on the ESP" in log
+              and sorted(t["type"] for t in luks["tokens"]) == ["systemd-recovery"]
+              and len(luks["keyslots"]) == 2,
+              "board without a TPM: first boot formats the partition, keeps the key on the ESP and warns",
+              f"slots {luks['keyslots']}, tokens {[t['type'] for t in luks['tokens']]}")
+    line = selftest_encryption(con)
+    rep.check(line.split()[:3] == ["WARN", "data-encryption", "esp-key"],
+              "self-test on the board without a TPM: data-encryption WARN (key on the ESP)", line)
+    wait_until(con, "systemctl is-active appliance-capture@main appliance-recorder", 120,
+               "stages active on the board without a TPM")
+    con.run("sync")
+    vm.power_cut()
+    con = vm.start()
+    vm.login()
+    log = con.run("journalctl -b -u appliance-data -o cat | grep '^data-partition: '")[1]
+    mnt = con.run("findmnt -no SOURCE /data")[1]
+    rep.check("unlocked by the key on the ESP (no TPM)" in log and mnt.strip() == "/dev/mapper/data",
+              "board without a TPM: the next boot opens the partition with the key on the ESP")
     vm.power_cut()
 
 
@@ -651,6 +862,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, required=True, help="folder with disk.img and layout.env")
     ap.add_argument("--bundles", type=Path, help="folder with good.raucb and bad.raucb")
+    ap.add_argument("--escrow-identity", type=Path, required=True,
+                    help="the age identity the image's escrow recipients belong to")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--uefi", action="store_true",
                     help="boot through UEFI (OVMF) even when the image can boot from a BIOS")
@@ -659,6 +872,10 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.image / "disk.img").is_file() or not (args.image / "layout.env").is_file():
         print(f"vmtest: {args.image} holds no disk.img/layout.env (run 'make image' first)", file=sys.stderr)
+        return 2
+    if not args.escrow_identity.is_file():
+        print(f"vmtest: --escrow-identity {args.escrow_identity}: no such file (the identity of the "
+              "image's escrow recipients, made by escrow-key.sh)", file=sys.stderr)
         return 2
     layout = read_layout(args.image)
     work = Path(tempfile.mkdtemp(prefix="vmtest-", dir=args.image.parent))
@@ -677,19 +894,22 @@ def main() -> int:
         print(f"vmtest: booting {args.image / 'disk.img'} (copy in {work}; {vm.describe()})",
               flush=True)
         con = boot_and_basics(vm, rep, first=True)
+        recovery = test_encryption(con, rep, args.escrow_identity, layout)
         if not (args.updates_only and args.bundles):
             test_recording(vm, con, rep, secret, played)
             test_restart_on_kill(con, rep)
             test_watchdog_restart(con, rep)
             test_fleet_requests(con, rep)
             con = test_power_cut(vm, con, rep)
+            con = test_tpm_replaced(vm, con, rep, recovery)
         if args.bundles:
             assert vm.console is not None
             test_updates(vm, vm.console, rep, layout)
         ran_on = vm.describe()
         if not vm.uefi:
             test_uefi_path(vm, rep, layout)
-            ran_on += "; last boot UEFI (OVMF)"
+            ran_on += "; one boot UEFI (OVMF)"
+        test_board_without_tpm(vm, rep, layout)
         print(f"vmtest: all {len(rep.passed)} checks passed in {time.monotonic() - t0:.0f} s "
               f"({ran_on})", flush=True)
         return 0

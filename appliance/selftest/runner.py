@@ -32,6 +32,8 @@ CHECKS: tuple[Check, ...] = (
     Check("disk-latency", "storage", "write + fdatasync latency", system.check_disk_latency),
     Check("journal", "storage", "ring journal integrity", system.check_journal),
     Check("outbox", "storage", "outbox integrity", system.check_outbox),
+    Check("data-encryption", "storage", "state folder on an encrypted partition, key in the TPM",
+          system.check_encryption),
     Check("clock", "clock", "clock synchronised", system.check_clock),
     Check("dns", "network", "central's name resolves", network.check_dns),
     Check("central-reachable", "network", "central reachable over TCP", network.check_reachable),

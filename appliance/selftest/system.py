@@ -16,6 +16,10 @@ Limits and where they come from (hw-tests/CHECKS.md is the technician's copy):
 - CPU temperature: most embedded SoCs throttle at 80-85 degC (Raspberry Pi firmware at 80);
   WARN from 70, FAIL from 85.
 - memory: the recorder needs about 100 MiB; WARN below 200 MiB available, FAIL below 64 MiB.
+- data encryption: a stolen box or disk must not give up recordings and keys. PASS when the
+  state folder lies on a LUKS2 volume whose key the TPM holds (the image's data-unlock records
+  how it opened the partition in ``/run/appliance-data/state``); WARN when it is not encrypted
+  or its key is kept beside it (no TPM).
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ TEMP_FAIL_C = 85.0
 MEM_WARN_BYTES = 200 * MIB
 MEM_FAIL_BYTES = 64 * MIB
 WATCHDOG_PATHS = ("/dev/watchdog", "/dev/watchdog0")
+SYS_DEV_BLOCK = Path("/sys/dev/block")
+DATA_UNLOCK_STATE = Path("/run/appliance-data/state")
+UNLOCK_HINTS = {
+    "esp-key": "no TPM: the key is kept on the ESP, so the disk alone opens the partition; use a "
+               "board with a TPM 2.0 where recordings must survive theft",
+    "recovery": "the TPM took no key after the recovery: the recovery key is asked at every "
+                "boot; check the TPM in the firmware setup",
+}
 
 
 def _existing(path: Path) -> Path:
@@ -218,6 +230,35 @@ def check_clock(ctx: Context) -> list[CheckResult]:
     hint = "" if verdict is Verdict.PASS else "the clock's error bound is large: check the time server"
     return [CheckResult("clock", "", verdict, round(ms, 1), "ms", limits, hint,
                         f"adjtimex state {state}, maximum error {ms:.1f} ms")]
+
+
+def check_encryption(ctx: Context) -> list[CheckResult]:
+    limits = "the state folder on a LUKS2 volume whose key the TPM holds"
+    folder = _existing(ctx.cfg.state_dir)
+    dev = os.stat(folder).st_dev
+    try:
+        uuid = (SYS_DEV_BLOCK / f"{os.major(dev)}:{os.minor(dev)}" / "dm" / "uuid").read_text().strip()
+    except OSError:
+        uuid = ""
+    if not uuid.startswith("CRYPT-LUKS"):
+        return [CheckResult("data-encryption", "", Verdict.WARN, "none", "",
+                            limits, f"{folder} is not on an encrypted volume: a stolen disk gives up "
+                            "recordings and keys (the box's image encrypts its data partition)")]
+    state: dict[str, str] = {}
+    try:
+        for row in DATA_UNLOCK_STATE.read_text().splitlines():
+            key, _, value = row.partition("=")
+            state[key.strip()] = value.strip()
+    except OSError:
+        pass
+    kind = uuid.split("-")[1]
+    unlock = state.get("unlock", "")
+    detail = f"{kind}, opened by {unlock}" if unlock else f"{kind} (no record of how it was opened)"
+    if unlock in UNLOCK_HINTS:
+        return [CheckResult("data-encryption", "", Verdict.WARN, unlock, "",
+                            limits, UNLOCK_HINTS[unlock], detail)]
+    return [CheckResult("data-encryption", "", Verdict.PASS, unlock or kind, "",
+                        limits, "", detail)]
 
 
 def check_watchdog(ctx: Context) -> list[CheckResult]:

@@ -101,3 +101,63 @@ def test_unattended_run_keeps_its_result(tmp_path: Path) -> None:
     result = run_unattended(cfg, only=["memory", "loopback"])
     assert load_last_result(cfg) == result
     assert [r.check for r in result.results] == ["loopback", "memory"]
+
+
+def _sysfs_for(folder: Path, root: Path, dm_uuid: str | None) -> None:
+    """A stand-in for /sys/dev/block/MAJ:MIN of the device holding ``folder``: a dm-crypt volume
+    made by cryptsetup has dm/uuid 'CRYPT-LUKS2-<uuid>-<name>' (the kernel's device-mapper
+    interface); a plain partition has no dm folder."""
+    import os
+
+    dev = os.stat(folder).st_dev
+    node = root / f"{os.major(dev)}:{os.minor(dev)}"
+    node.mkdir(parents=True)
+    if dm_uuid is not None:
+        (node / "dm").mkdir()
+        (node / "dm" / "uuid").write_text(dm_uuid + "\n")
+
+
+def test_data_encryption_names_how_the_partition_was_opened(tmp_path: Path, monkeypatch) -> None:
+    # The sysfs tree and the data-unlock record are stand-ins here: a dm-crypt device cannot be
+    # made on this machine (no device-mapper). The OS image test runs the check on a real one.
+    from appliance.selftest import system
+
+    cfg = config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    plain, crypt = tmp_path / "sys-plain", tmp_path / "sys-crypt"
+    _sysfs_for(cfg.state_dir, plain, None)
+    _sysfs_for(cfg.state_dir, crypt, "CRYPT-LUKS2-3f1c2a7e8b9d4c0e9a1b2c3d4e5f6a7b-data")
+    record = tmp_path / "unlock-record"
+    monkeypatch.setattr(system, "DATA_UNLOCK_STATE", record)
+
+    monkeypatch.setattr(system, "SYS_DEV_BLOCK", plain)
+    res = one(cfg, "data-encryption")
+    assert (res.verdict, res.value) == (Verdict.WARN, "none")
+    assert "not on an encrypted volume" in res.hint
+
+    monkeypatch.setattr(system, "SYS_DEV_BLOCK", crypt)
+    expected = {"tpm": Verdict.PASS, "esp-key": Verdict.WARN, "recovery": Verdict.WARN}
+    for unlock, verdict in expected.items():
+        record.write_text(f"unlock={unlock}\ntpm={int(unlock == 'tpm')}\n")
+        res = one(cfg, "data-encryption")
+        assert (res.verdict, res.value) == (verdict, unlock), unlock
+        assert res.detail == f"LUKS2, opened by {unlock}"
+    record.write_text("unlock=esp-key\n")
+    assert "no TPM" in one(cfg, "data-encryption").hint
+    record.unlink()
+    res = one(cfg, "data-encryption")
+    assert (res.verdict, res.detail) == (Verdict.PASS, "LUKS2 (no record of how it was opened)")
+
+
+def test_data_encryption_on_this_machine_matches_sysfs(tmp_path: Path) -> None:
+    import os
+
+    cfg = config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    dev = os.stat(cfg.state_dir).st_dev
+    uuid = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/dm/uuid")
+    encrypted = uuid.exists() and uuid.read_text().startswith("CRYPT-LUKS")
+    res = one(cfg, "data-encryption")
+    assert (res.value == "none") is not encrypted
+    if not encrypted:
+        assert res.verdict is Verdict.WARN
