@@ -37,11 +37,11 @@ IMAGE_ARCH ?= amd64
 IMAGE_DIR := build/image-$(IMAGE_ARCH)
 
 image: setup
-	@bash os-image/image-bootstrap.sh
+	@ARCH=$(IMAGE_ARCH) bash os-image/image-bootstrap.sh
 	ARCH=$(IMAGE_ARCH) OUT=$(IMAGE_DIR) bash os-image/build.sh
 
 bundle: setup
-	@bash os-image/image-bootstrap.sh
+	@ARCH=$(IMAGE_ARCH) bash os-image/image-bootstrap.sh
 	@test -f $(IMAGE_DIR)/rootfs.ext4 || $(MAKE) image
 	bash os-image/bundle.sh $(IMAGE_DIR) build/line-recorder-$(IMAGE_ARCH).raucb
 

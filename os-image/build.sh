@@ -55,10 +55,16 @@ rm -f "$WHEELS"/line_recorder-*.whl
 "$PY" -m pip wheel -q --no-deps "$REPO" -w "$WHEELS"
 if [ "$ARCH" = "$(dpkg --print-architecture)" ]; then
   "$PY" -m pip wheel -q --require-hashes -r "$REPO/requirements.lock" -w "$WHEELS"
-  FOREIGN=0
+  FOREIGN=0 PIP_CA=
 else
-  # Foreign architecture: dependencies are installed inside the target root (under qemu-user)
-  # from the package index, checked against the same hashes.
+  # Foreign architecture: the box's share of the lock (same versions, same hashes) is installed
+  # inside the target root under qemu-user, hash-checked (customize.sh).
+  "$PY" "$HERE/lock-subset.py" "$REPO/requirements.lock" "$WHEELS"/line_recorder-*.whl box \
+    "$(case "$ARCH" in arm64) echo aarch64 ;; *) echo x86_64 ;; esac)" > "$WORK/box.lock"
+  # pip in the target root trusts the certificate authorities the build machine's pip trusts
+  # (PIP_CERT, else the system bundle: a proxy's own CA is often only there); build time only.
+  cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$WORK/pip-ca.pem"
+  PIP_CA="$WORK/pip-ca.pem"
   FOREIGN=1
 fi
 
@@ -80,10 +86,11 @@ mmdebstrap --variant=minbase --arch="$ARCH" --include="$(IFS=,; echo "${PACKAGES
   --skip=download/empty \
   --setup-hook='mkdir -p "$1"/var/cache/apt/archives' \
   --setup-hook="sync-in $DEBS /var/cache/apt/archives/" \
-  --customize-hook="sync-out /var/cache/apt/archives $DEBS" \
   --customize-hook="mkdir -p \"\$1\"/tmp/wheels && cp $WHEELS/*.whl $REPO/requirements.lock \"\$1\"/tmp/wheels/" \
+  --customize-hook="[ $FOREIGN = 0 ] || cp $WORK/box.lock $PIP_CA \"\$1\"/tmp/wheels/" \
   --customize-hook="copy-in $HERE/customize.sh /tmp" \
   --customize-hook="chroot \"\$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin FOREIGN=$FOREIGN sh /tmp/customize.sh" \
+  --customize-hook="sync-out /var/cache/apt/archives $DEBS" \
   --customize-hook="cp -a $HERE/rootfs/. \"\$1\"/" \
   --customize-hook="cp $HERE/systemd/* \"\$1\"/usr/lib/systemd/system/" \
   --customize-hook="cp $RAUC_KEYS/ca.cert.pem \"\$1\"/etc/rauc/keyring.pem" \

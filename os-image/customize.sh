@@ -6,11 +6,22 @@ set -eu
 WHEEL="$(ls /tmp/wheels/line_recorder-*.whl)[box]"
 python3 -m venv /opt/appliance
 if [ "${FOREIGN:-0}" = 1 ]; then
-  # Another architecture: the wheels built on the build machine do not fit; the dependencies
-  # come from the package index and pyalsaaudio is compiled here.
-  apt-get install -y -q --no-install-recommends gcc libc6-dev python3-dev libasound2-dev
-  /opt/appliance/bin/pip install -q --find-links /tmp/wheels "$WHEEL"
-  apt-get purge -y -q --auto-remove gcc libc6-dev python3-dev libasound2-dev
+  # Another architecture: the wheels built on the build machine do not fit. The box's share of
+  # requirements.lock (box.lock, made by lock-subset.py: the same packages and versions, with
+  # every hash the lock holds) is installed from the package index, hash-checked; what has no
+  # wheel for this architecture (pyalsaaudio) is compiled here, without build isolation, with
+  # Debian's setuptools and wheel (signed by the archive) instead of unpinned ones from the index.
+  apt-get install -y -q --no-install-recommends gcc libc6-dev python3-dev libasound2-dev \
+    python3-wheel-whl
+  export PIP_NO_CACHE_DIR=1  # nothing of the build left in the image's /root
+  /opt/appliance/bin/pip install -q --no-index /usr/share/python-wheels/wheel-*.whl
+  PIP_CERT=/tmp/wheels/pip-ca.pem /opt/appliance/bin/pip install -q --require-hashes \
+    --no-build-isolation --use-pep517 --only-binary :all: --no-binary pyalsaaudio \
+    -r /tmp/wheels/box.lock
+  /opt/appliance/bin/pip install -q --no-index --no-deps /tmp/wheels/line_recorder-*.whl
+  /opt/appliance/bin/pip check
+  /opt/appliance/bin/pip uninstall -q -y wheel
+  apt-get purge -y -q --auto-remove gcc libc6-dev python3-dev libasound2-dev python3-wheel-whl
 else
   /opt/appliance/bin/pip install -q --no-index --find-links /tmp/wheels "$WHEEL"
 fi

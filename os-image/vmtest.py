@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -46,6 +47,18 @@ SYNC_INTERVAL_MS = 500
 BOOT_TIMEOUT_S = 900.0  # TCG on a busy machine boots in minutes
 KVM_PROBE_S = 60.0
 DISK_EXTRA_MB = 1024  # the test disk is this much larger than the image
+
+# Per architecture of the image (layout.env's ARCH): UEFI firmware (code, and the variable store
+# each VM starts from) and a factor on every console timeout under TCG. The arm64 guest (virt,
+# Cortex-A72) stayed well inside amd64's timeouts here (shell in 74 s, the first-boot checks in
+# 381 s, next to an amd64 TCG VM on 2 cores; os-image/README.md): its factor is a margin for
+# emulating another instruction set on a slower host, not a measured ratio.
+FIRMWARE = {
+    "amd64": (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    "arm64": (Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
+}
+TCG_SLOWDOWN = {"amd64": 1.0, "arm64": 2.0}
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 # The console shell: no echo, no kernel messages, no pager (journalctl and systemctl would wait).
@@ -84,6 +97,35 @@ def read_layout(image: Path) -> dict[str, int]:
     return out
 
 
+def read_arch(image: Path) -> str:
+    """The image's architecture as build.sh wrote it in layout.env (amd64 when it names none)."""
+    for line in (image / "layout.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "ARCH":
+            if value not in FIRMWARE:
+                raise ValueError(f"layout.env: ARCH={value} (accepted: {', '.join(FIRMWARE)})")
+            return value
+    return "amd64"
+
+
+def qemu_platform(arch: str, kvm: bool, uefi: bool, vars_path: Path) -> list[str]:
+    """The qemu binary, machine, CPU, firmware and watchdog device for the image's architecture."""
+    accel = "kvm" if kvm else "tcg"
+    code = FIRMWARE[arch][0]
+    firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,file={vars_path}"]
+    # The i6300ESB is a PCI watchdog, so both machines have it: the armed hardware watchdog is real.
+    watchdog = ["-device", "i6300esb", "-action", "watchdog=reset"]
+    if arch == "arm64":
+        # virt boots only through UEFI (AAVMF). Cortex-A72: the core of common arm64 boards
+        # (ARMv8.0), and much faster under TCG than 'max' (no emulated pointer authentication).
+        return ["qemu-system-aarch64", "-machine", f"virt,accel={accel}",
+                "-cpu", "host" if kvm else "cortex-a72", *watchdog, *firmware]
+    # TCG's default CPU lacks x86-64-v2 (SSE4.2, POPCNT), which numpy's wheels require.
+    return ["qemu-system-x86_64", "-machine", f"q35,accel={accel}", "-cpu", "host" if kvm else "max",
+            *watchdog, *(firmware if uefi else [])]
+
+
 def write_grubenv(path: Path, values: dict[str, str]) -> None:
     text = "# GRUB Environment Block\n" + "".join(f"{k}={v}\n" for k, v in values.items())
     if len(text) > 1024:
@@ -119,7 +161,8 @@ def test_audio(seconds_idle: float = 3.0, calls: int = 1, call_s: int = 8) -> np
 class Console:
     """The VM's serial console: a reader thread keeps everything, commands run between markers."""
 
-    def __init__(self, path: Path, log_path: Path) -> None:
+    def __init__(self, path: Path, log_path: Path, slowdown: float = 1.0) -> None:
+        self.slowdown = slowdown  # every timeout is scaled by it (a slower guest)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         for _ in range(100):
             try:
@@ -155,6 +198,7 @@ class Console:
             return len(self.buf)
 
     def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
+        timeout *= self.slowdown
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         with self.cond:
@@ -191,8 +235,9 @@ class VM:
     """The box in qemu. Firmware: SeaBIOS (the image's BIOS boot path) when the image has one,
     else OVMF (UEFI); ``uefi=True`` forces OVMF. KVM when /dev/kvm can run the guest, else TCG."""
 
-    def __init__(self, disk: Path, work: Path, extra_disk: Path | None, uefi: bool) -> None:
-        self.disk, self.work, self.extra_disk, self.uefi = disk, work, extra_disk, uefi
+    def __init__(self, disk: Path, work: Path, extra_disk: Path | None, uefi: bool,
+                 arch: str = "amd64") -> None:
+        self.disk, self.work, self.extra_disk, self.uefi, self.arch = disk, work, extra_disk, uefi, arch
         self.proc: subprocess.Popen[bytes] | None = None
         self.tpm_proc: subprocess.Popen[bytes] | None = None
         self.console: Console | None = None
@@ -203,14 +248,18 @@ class VM:
         self.with_tpm = True
         self.vars = work / "OVMF_VARS.fd"
         if uefi:
-            shutil.copy(Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), self.vars)
-        self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+            shutil.copy(FIRMWARE[arch][1], self.vars)
+        # KVM runs only a guest of the host's own architecture.
+        self.kvm = os.access("/dev/kvm", os.R_OK | os.W_OK) and arch == HOST_ARCH
         if not self.kvm:
-            print("WARNING: /dev/kvm is not usable: falling back to TCG emulation (slow)", flush=True)
+            why = ("/dev/kvm is not usable" if arch == HOST_ARCH
+                   else f"KVM cannot run an {arch} guest on this {HOST_ARCH} host")
+            print(f"WARNING: {why}: falling back to TCG emulation (slow)", flush=True)
         self.accel_probed = False
 
     def describe(self) -> str:
-        return f"{'KVM' if self.kvm else 'TCG'}, {'UEFI (OVMF)' if self.uefi else 'BIOS (SeaBIOS)'}"
+        fw = "UEFI (AAVMF)" if self.arch == "arm64" else "UEFI (OVMF)" if self.uefi else "BIOS (SeaBIOS)"
+        return f"{self.arch}, {'KVM' if self.kvm else 'TCG'}, {fw}"
 
     def start(self) -> Console:
         con = self._start()
@@ -236,29 +285,24 @@ class VM:
     def _start(self) -> Console:
         self.boots += 1
         sock = self.work / f"console-{self.boots}.sock"
-        # TCG's default CPU lacks x86-64-v2 (SSE4.2, POPCNT), which numpy's wheels require.
         argv = [
-            "qemu-system-x86_64", "-machine", f"q35,accel={'kvm' if self.kvm else 'tcg'}",
-            "-cpu", "host" if self.kvm else "max",
+            *qemu_platform(self.arch, self.kvm, self.uefi, self.vars),
             "-m", "1024", "-smp", "2", "-nographic", "-monitor", "none",
             "-drive", f"file={self.disk},format=raw,if=virtio,cache=writeback",
-            "-device", "i6300esb", "-action", "watchdog=reset",
             # restrict=on: no way out of the VM, so the clock is never synchronised (the gate must
             # confirm a slot all the same) and nothing leaves the test machine.
             "-nic", "user,model=virtio-net-pci,restrict=on",
             "-chardev", f"socket,id=con,path={sock},server=on,wait=off",
             "-serial", "chardev:con",
         ]
-        if self.uefi:
-            argv += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-                     "-drive", f"if=pflash,format=raw,file={self.vars}"]
         if self.extra_disk is not None:
             argv += ["-drive", f"file={self.extra_disk},format=raw,if=virtio,readonly=on"]
         if self.with_tpm:
             argv += self._start_tpm()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=(self.work / "qemu.stderr").open("ab"))
-        self.console = Console(sock, self.work / "console.log")
+        slowdown = 1.0 if self.kvm else TCG_SLOWDOWN[self.arch]
+        self.console = Console(sock, self.work / "console.log", slowdown)
         return self.console
 
     def _start_tpm(self) -> list[str]:
@@ -274,8 +318,10 @@ class VM:
             if self.tpm_proc.poll() is not None or time.monotonic() > deadline:
                 raise CheckFailed(f"swtpm did not start (log: {self.work / 'swtpm.log'})")
             time.sleep(0.05)
+        # The TIS interface: on the PC's LPC bus (amd64), as a platform device on arm64's virt.
+        device = "tpm-tis" if self.arch == "amd64" else "tpm-tis-device"
         return ["-chardev", f"socket,id=tpm,path={sock}", "-tpmdev", "emulator,id=tpm0,chardev=tpm",
-                "-device", "tpm-tis,tpmdev=tpm0"]
+                "-device", f"{device},tpmdev=tpm0"]
 
     def replace_tpm(self) -> None:
         """The next boot finds a new TPM (the board replaced, or its TPM cleared)."""
@@ -397,6 +443,7 @@ def unit_prop(con: Console, unit: str, prop: str) -> str:
 
 
 def wait_until(con: Console, command: str, timeout: float, what: str) -> str:
+    timeout *= con.slowdown
     deadline = time.monotonic() + timeout
     out = ""
     while time.monotonic() < deadline:
@@ -878,6 +925,11 @@ def main() -> int:
               "image's escrow recipients, made by escrow-key.sh)", file=sys.stderr)
         return 2
     layout = read_layout(args.image)
+    try:
+        arch = read_arch(args.image)
+    except ValueError as err:
+        print(f"vmtest: {err}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="vmtest-", dir=args.image.parent))
     rep = Report()
     t0 = time.monotonic()
@@ -890,7 +942,7 @@ def main() -> int:
             size = sum(p.stat().st_size for p in args.bundles.glob("*.raucb")) // 2**20 + 64
             subprocess.run(["truncate", "-s", f"{size}M", str(extra)], check=True)
             subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(args.bundles), str(extra)], check=True)
-        vm = VM(disk, work, extra, uefi=args.uefi or layout.get("BIOS_BOOT", 0) != 1)
+        vm = VM(disk, work, extra, uefi=args.uefi or layout.get("BIOS_BOOT", 0) != 1, arch=arch)
         print(f"vmtest: booting {args.image / 'disk.img'} (copy in {work}; {vm.describe()})",
               flush=True)
         con = boot_and_basics(vm, rep, first=True)
