@@ -250,7 +250,8 @@ def check_encryption(ctx: Context) -> list[CheckResult]:
             key, _, value = row.partition("=")
             state[key.strip()] = value.strip()
     except OSError:
-        pass
+        # No record: the volume was not opened by the image's data-unlock (named in the detail).
+        state = {}
     kind = uuid.split("-")[1]
     unlock = state.get("unlock", "")
     detail = f"{kind}, opened by {unlock}" if unlock else f"{kind} (no record of how it was opened)"
