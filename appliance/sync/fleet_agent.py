@@ -596,6 +596,12 @@ class FleetAgent:
                 self._events_inflight[event["seq"]] = client.publish(
                     event_topic(self.device_id), json.dumps(event).encode(), qos=1)
                 self.counters["events"] += 1
+        # A publish refused at once (the link dropped between ticks, paho's queue full) is
+        # forgotten here and sent again at the next tick; paho raises if asked about it.
+        refused = {seq for seq, info in self._events_inflight.items()
+                   if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN)}
+        for seq in refused:
+            del self._events_inflight[seq]
         done = {seq for seq, info in self._events_inflight.items() if info.is_published()}
         if done:
             self._events["events"] = [e for e in self._events["events"] if e["seq"] not in done]

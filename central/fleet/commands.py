@@ -151,7 +151,10 @@ def publish_desired(address: BrokerAddress, tls: ssl.SSLContext,
         infos = [session.client.publish(config_desired_topic(dev), d.encode(), qos=1, retain=True)
                  for dev, d in desired.items()]
         for info in infos:
-            info.wait_for_publish(CONNECT_TIMEOUT_S)
+            try:
+                info.wait_for_publish(CONNECT_TIMEOUT_S)
+            except (RuntimeError, ValueError) as err:  # paho: the link dropped, queue full
+                raise FleetLinkError(f"the desired config was not published: {err}") from err
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             with lock:

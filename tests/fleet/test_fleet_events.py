@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+
 from appliance.sync.fleet_agent import EVENT_BURST, MAX_PENDING_EVENTS, FleetAgent
 
 from .conftest import box_config
@@ -18,6 +20,7 @@ from .conftest import box_config
 class Info:
     def __init__(self) -> None:
         self.acked = False
+        self.rc = mqtt.MQTT_ERR_SUCCESS  # queued by paho
 
     def is_published(self) -> bool:
         return self.acked
@@ -78,3 +81,29 @@ def test_the_event_queue_is_bounded_durable_paced_and_acknowledged(tmp_path: Pat
     agent._event_tokens = EVENT_BURST
     agent._flush_events(again)  # type: ignore[arg-type]
     assert [e["seq"] for e, _ in again.sent[:10]] == [e["seq"] for e, _ in client.sent[10:20]]
+
+
+def test_a_publish_refused_while_the_link_is_down_stays_queued(tmp_path: Path) -> None:
+    """The link can drop between two ticks. paho then refuses the publish at once
+    (MQTT_ERR_NO_CONN) and raises if asked whether it was published; the uplink stage must
+    not die of it, and the event must be sent on the next tick. The client here is paho's
+    own, never connected, so the refusal is the library's, not a stand-in's."""
+    cfg, path = box_config(tmp_path, "box-a")
+    agent = FleetAgent(cfg, central_key=None, boot_id="boot-1", config_path=path)
+    now = time.monotonic()
+    agent._observe([], now)
+    agent._observe([{"alarm": "line-silent", "line": "L1"}], now)
+    offline = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="box-a")
+    agent._flush_events(offline)
+    agent._flush_events(offline)  # asks about the refused publish: must not raise
+    queued = json.loads((cfg.state_dir / "fleet" / "events-pending.json").read_text())["events"]
+    assert [e["kind"] for e in queued] == ["alarm-raised"]
+    assert agent.counters["events"] == 2  # tried on both ticks
+
+    online = Recorder()
+    agent._flush_events(online)  # type: ignore[arg-type]
+    assert [e["kind"] for e, _ in online.sent] == ["alarm-raised"]
+    online.sent[0][1].acked = True
+    agent._flush_events(online)  # type: ignore[arg-type]
+    queued = json.loads((cfg.state_dir / "fleet" / "events-pending.json").read_text())["events"]
+    assert queued == []
