@@ -256,8 +256,14 @@ def check_encryption(ctx: Context) -> list[CheckResult]:
     unlock = state.get("unlock", "")
     detail = f"{kind}, opened by {unlock}" if unlock else f"{kind} (no record of how it was opened)"
     if unlock in UNLOCK_HINTS:
-        return [CheckResult("data-encryption", "", Verdict.WARN, unlock, "",
-                            limits, UNLOCK_HINTS[unlock], detail)]
+        hint = UNLOCK_HINTS[unlock]
+        if state.get("tpm") == "unbound":
+            # The firmware describes a TPM, but the running kernel has no driver for it.
+            hint = (f"the firmware declares a TPM ({state.get('tpm_declared') or 'unnamed'}) but "
+                    "the kernel bound no driver to it, so it holds no key: load its driver "
+                    "(tpm_tis_spi, tpm_tis_i2c, ...) or update the kernel, then recover the "
+                    "partition onto it (os-image/README.md, 'Recovery')")
+        return [CheckResult("data-encryption", "", Verdict.WARN, unlock, "", limits, hint, detail)]
     return [CheckResult("data-encryption", "", Verdict.PASS, unlock or kind, "",
                         limits, "", detail)]
 

@@ -144,6 +144,11 @@ def test_data_encryption_names_how_the_partition_was_opened(tmp_path: Path, monk
         assert res.detail == f"LUKS2, opened by {unlock}"
     record.write_text("unlock=esp-key\n")
     assert "no TPM" in one(cfg, "data-encryption").hint
+    # The record data-unlock writes when the firmware declares a TPM no driver bound.
+    record.write_text("unlock=esp-key\ntpm=unbound\ntpm_declared=ACPI TPM2 table\n")
+    res = one(cfg, "data-encryption")
+    assert (res.verdict, res.value) == (Verdict.WARN, "esp-key")
+    assert "declares a TPM (ACPI TPM2 table)" in res.hint and "no driver" in res.hint
     record.unlink()
     res = one(cfg, "data-encryption")
     assert (res.verdict, res.detail) == (Verdict.PASS, "LUKS2 (no record of how it was opened)")
