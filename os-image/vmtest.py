@@ -653,6 +653,13 @@ def test_encryption(vm: VM, con: Console, rep: Report, escrow_identity: Path,
               f"first boot: the data partition grew over the disk's free {DISK_EXTRA_MB} MiB",
               f"{grown.group(0) if grown else 'not grown'}; /data {fs_mb} MiB; GPT: "
               f"{size.splitlines()[-1].strip()}")
+    return check_escrowed_key(con, rep, escrow_identity, "first boot")
+
+
+def check_escrowed_key(con: Console, rep: Report, escrow_identity: Path, when: str) -> str:
+    """The recovery key escrowed on the ESP, decrypted on the host by the stock age with the
+    escrow identity: it must open the partition, and the same key with one letter changed must
+    not. Returns the key."""
     escrow = fetch(con, "/boot/efi/appliance/data-recovery-key.age")
     proc = subprocess.run(["age", "-d", "-i", str(escrow_identity)], input=escrow,
                           capture_output=True, check=False)
@@ -662,22 +669,25 @@ def test_encryption(vm: VM, con: Console, rep: Report, escrow_identity: Path,
     # systemd's recovery keys: 8 groups of 8 'modhex' characters.
     if not re.fullmatch(r"[cbdefghijklnrtuv]{8}(-[cbdefghijklnrtuv]{8}){7}", key):
         raise CheckFailed(f"escrowed recovery key: not a recovery key: {key[:20]!r}...")
-    # External tokens off: cryptsetup would otherwise try the TPM first, which opens it anyway.
-    test = ("cryptsetup open --test-passphrase --disable-external-tokens --key-file=- "
-            "/dev/disk/by-partlabel/data")
-    good, _ = con.run(f"printf %s {key} | {test}", check=False)
     wrong = key[:-1] + ("c" if key[-1] != "c" else "b")
-    bad, _ = con.run(f"printf %s {wrong} | {test}", check=False)
-    rep.check(good == 0 and bad != 0,
-              "escrowed recovery key (ESP, decrypted by age with the escrow identity) opens the "
-              "partition; the same key with one character changed does not")
+    rep.check(opens(con, key) and not opens(con, wrong),
+              f"{when}: the escrowed recovery key (ESP, decrypted by age with the escrow identity) "
+              "opens the partition; the same key with one character changed does not")
     return key
 
 
-def test_tpm_replaced(vm: VM, con: Console, rep: Report, recovery: str) -> Console:
+def opens(con: Console, key: str) -> bool:
+    """Whether a key opens the data partition (a test only: nothing is mapped). External tokens
+    off: cryptsetup would otherwise try the TPM first, which opens it anyway."""
+    return con.run(f"printf %s {key} | cryptsetup open --test-passphrase --disable-external-tokens "
+                   "--key-file=- /dev/disk/by-partlabel/data", check=False)[0] == 0
+
+
+def test_tpm_replaced(vm: VM, con: Console, rep: Report, recovery: str,
+                     escrow_identity: Path) -> Console:
     """A new TPM (board replaced or TPM cleared): the box stops at the recovery prompt, takes
-    the escrowed recovery key on the console, keeps its data, seals the key to the new TPM and
-    records again."""
+    the escrowed recovery key on the console, keeps its data, seals the key to the new TPM,
+    replaces the used recovery key by a new escrowed one and records again."""
     before = segments(con)
     sealed = check_luks_layout(con, rep, "before the TPM is replaced")
     con.run("sync")
@@ -700,6 +710,10 @@ def test_tpm_replaced(vm: VM, con: Console, rep: Report, recovery: str) -> Conso
     resealed = check_luks_layout(con, rep, "after recovery")
     rep.check(resealed != sealed, "the TPM slot is a new one, sealed by the new TPM",
               f"sealed blob {sealed} -> {resealed}")
+    new = check_escrowed_key(con, rep, escrow_identity, "after recovery")
+    rep.check("recovery key replaced" in log and new != recovery and not opens(con, recovery),
+              "after recovery: the recovery key used is replaced (the new one escrowed, the old "
+              "one no longer opens the partition)")
     wait_until(con, "systemctl is-active appliance-capture@main appliance-recorder", 120,
                "stages active after the recovery")
     after = segments(con)
@@ -999,7 +1013,7 @@ def main() -> int:
             test_fleet_requests(con, rep)
             con = test_power_cut(vm, con, rep)
             if vm.tpm_driven:
-                con = test_tpm_replaced(vm, con, rep, recovery)
+                con = test_tpm_replaced(vm, con, rep, recovery, args.escrow_identity)
             else:
                 print("  SKIP new TPM and recovery prompt: the guest's kernel drives no TPM here "
                       "(the recovery key opened the partition above)", flush=True)
