@@ -234,6 +234,9 @@ def render(status: dict[str, Any], elapsed: float, total: float) -> str:
 
 
 def run_demo(*, seconds: float, lines: int, folder: Path | None, fast: bool) -> int:
+    # Ctrl-C stops the demo in order even when it was started with SIGINT ignored (a script's
+    # background job inherits that), as it stops 'appliance run'.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     folder = _prepare_folder(folder)
     print(f"demo folder: {folder}", flush=True)
     demo = Demo(folder, lines, realtime=not fast, seconds=seconds)

@@ -25,7 +25,13 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def start_demo(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_demo(tmp_path: Path, *, sigint_ignored: bool = False) -> tuple[subprocess.Popen[str], Path]:
+    """The demo as a newcomer runs it. ``sigint_ignored``: started the way a script's background
+    job is, with SIGINT ignored (inherited across exec); Ctrl-C must still stop it."""
     folder = tmp_path / "demo"
     env = dict(os.environ)
     # As a newcomer runs it: .venv/bin is not on PATH.
@@ -34,7 +40,8 @@ def start_demo(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     demo = subprocess.Popen(
         [sys.executable, "-m", "appliance", "demo", "--seconds", "600", "--lines", "6",
          "--dir", str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, start_new_session=True)  # its own terminal-like process group
+        env=env, start_new_session=True,  # its own terminal-like process group
+        preexec_fn=ignore_sigint if sigint_ignored else None)
     return demo, folder
 
 
@@ -63,7 +70,8 @@ def ctrl_c(demo: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def test_ctrl_c_ends_cleanly_and_reports_what_was_archived(tmp_path: Path) -> None:
-    demo, folder = start_demo(tmp_path)
+    # Started with SIGINT ignored (the other test here starts it as a terminal does).
+    demo, folder = start_demo(tmp_path, sigint_ignored=True)
     try:
         store = folder / "central" / "store"
         wait_for(lambda: any(store.glob("*/*.manifest.json")), 120,
